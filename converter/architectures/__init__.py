@@ -1,0 +1,44 @@
+"""Registry of architecture adapters, keyed by the Hugging Face architecture name in config.json.
+
+Adding a family: one module here with a ``MoEAdapter`` subclass decorated with ``@register(...)``,
+and its import at the bottom of this file.
+"""
+
+from __future__ import annotations
+
+from ...runtime.errors import UnsupportedModelError
+
+__all__ = ["adapter_for", "register", "supported_architectures"]
+
+_REGISTRY: dict[str, type] = {}
+
+
+def register(*architectures: str):
+    def wrap(cls):
+        for name in architectures:
+            _REGISTRY[name] = cls
+        cls.architectures = architectures
+        return cls
+
+    return wrap
+
+
+def supported_architectures() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def adapter_for(config):
+    """The adapter for a transformers config; UnsupportedModelError lists what is supported."""
+    names = list(getattr(config, "architectures", None) or [])
+    for name in names:
+        if name in _REGISTRY:
+            adapter = _REGISTRY[name]()
+            adapter.check_config(config)
+            return adapter
+    shown = ", ".join(names) or f"model_type {getattr(config, 'model_type', '?')!r}"
+    raise UnsupportedModelError(
+        f"unsupported architecture {shown}; supported: {', '.join(supported_architectures())}"
+    )
+
+
+from . import mixtral  # noqa: E402,F401

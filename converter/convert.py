@@ -1,0 +1,160 @@
+"""convert(): a Hugging Face MoE checkpoint directory in, a moerun model directory out."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import onnx_ir as ir
+
+from ..runtime import Manifest, MoEModel
+from ..runtime.errors import MoerunError
+from ..runtime.manifest import decoder_io_names
+from . import verify as verify_mod
+from .architectures import adapter_for
+from .export import export_decoder, kv_shape
+from .output import check_output, copy_side_files, save_model, staged_directory
+from .passes import CheckFusedMoE, PinIrVersion
+from .sources import open_checkpoint
+
+__all__ = ["ConvertResult", "DTYPES", "convert"]
+
+log = logging.getLogger(__name__)
+
+DTYPES = ("fp32", "fp16")
+
+
+@dataclass
+class ConvertResult:
+    output: Path
+    manifest: Manifest
+    files: list[str]
+    checkpoint_bytes: int
+    onnx_bytes: int
+    seconds: dict[str, float] = field(default_factory=dict)
+    report: verify_mod.VerifyReport | None = None
+
+
+def _token_ids(value) -> list[int]:
+    if value is None:
+        return []
+    return [int(v) for v in (value if isinstance(value, (list, tuple)) else [value])]
+
+
+def _special_tokens(model) -> tuple[list[int], int | None, int | None]:
+    gen = getattr(model, "generation_config", None)
+    cfg = model.config
+    eos = _token_ids(getattr(gen, "eos_token_id", None) or cfg.eos_token_id)
+    pad = getattr(gen, "pad_token_id", None)
+    pad = pad if pad is not None else cfg.pad_token_id
+    bos = getattr(gen, "bos_token_id", None)
+    return eos, pad, bos if bos is not None else cfg.bos_token_id
+
+
+class _Stages:
+    """Names the current stage (log + callback) and times each one."""
+
+    def __init__(self, on_stage: Callable[[str], None] | None) -> None:
+        self.on_stage = on_stage
+        self.seconds: dict[str, float] = {}
+        self._name: str | None = None
+        self._start = 0.0
+
+    def __call__(self, name: str) -> None:
+        self.finish()
+        self._name, self._start = name, time.perf_counter()
+        log.info(name)
+        if self.on_stage:
+            self.on_stage(name)
+
+    def finish(self) -> dict[str, float]:
+        if self._name is not None:
+            self.seconds[self._name] = time.perf_counter() - self._start
+            self._name = None
+        return self.seconds
+
+
+def convert(
+    source: str | Path,
+    output: str | Path,
+    *,
+    dtype: str = "fp32",
+    overwrite: bool = False,
+    verify: bool = False,
+    tolerance: float | None = None,
+    on_stage: Callable[[str], None] | None = None,
+) -> ConvertResult:
+    """Export ``source`` to ``output`` with one com.microsoft.MoE node per MoE layer.
+
+    Nothing is written to ``output`` unless every stage (and --verify, when asked) succeeds.
+    """
+    if dtype not in DTYPES:
+        raise MoerunError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    source, output = Path(source), Path(output)
+    check_output(output, overwrite)  # fail before minutes of work, not after
+    stage = _Stages(on_stage)
+
+    stage("read checkpoint")
+    checkpoint = open_checkpoint(source)
+    config = checkpoint.config
+    adapter = adapter_for(config)
+    stage("load model")
+    model = checkpoint.load_model(dtype)
+    eos, pad, bos = _special_tokens(model)
+    pad_for_verify = pad if pad is not None else (eos[0] if eos else 0)
+    ref = None
+    if verify:
+        stage("reference outputs (PyTorch)")
+        ref = verify_mod.reference(model, eos, pad_for_verify)
+    stage("fuse MoE blocks")
+    swapped = adapter.swap_moe_blocks(model)
+    stage("export ONNX")
+    onnx_model = export_decoder(model)
+    stage("graph passes")
+    passes = [PinIrVersion(), CheckFusedMoE(len(swapped))]
+    ir.passes.Sequential(*passes)(onnx_model)
+    del model
+
+    kv_heads, head_dim = kv_shape(config)
+    inputs, outputs = decoder_io_names(config.num_hidden_layers)
+    from .. import __version__
+
+    manifest = Manifest(
+        architecture=adapter.architectures[0],
+        model_type=config.model_type,
+        num_layers=config.num_hidden_layers,
+        num_kv_heads=kv_heads,
+        head_dim=head_dim,
+        vocab_size=config.vocab_size,
+        hidden_size=config.hidden_size,
+        num_experts=adapter.num_experts(config),
+        experts_per_token=adapter.experts_per_token(config),
+        moe_layers=len(swapped),
+        dtype=dtype,
+        inputs=inputs,
+        outputs=outputs,
+        passes=[type(p).__name__ for p in passes],
+        eos_token_id=eos,
+        pad_token_id=pad,
+        bos_token_id=bos,
+        source=str(source.resolve()),
+        moerun_version=__version__,
+    )
+    with staged_directory(output, overwrite) as staging:
+        stage("save")
+        files = save_model(onnx_model, staging) + copy_side_files(source, staging)
+        report = None
+        if ref is not None:
+            manifest.save(staging)
+            stage("verify (ONNX Runtime)")
+            tol = tolerance if tolerance is not None else verify_mod.DEFAULT_TOLERANCE[dtype]
+            report = verify_mod.compare(MoEModel.load(staging, provider="cpu"), ref, tol)
+            manifest.verify = report.to_dict()
+            verify_mod.check(report)
+        manifest.save(staging)
+        files.append("moerun.json")
+        onnx_bytes = sum((staging / f).stat().st_size for f in files if f.startswith("model.onnx"))
+    return ConvertResult(output, manifest, files, checkpoint.num_bytes, onnx_bytes, stage.finish(), report)

@@ -1,0 +1,126 @@
+"""Trace a Hugging Face MoE decoder with torch.onnx.export(dynamo=True) into an ONNX model.
+
+Each MoE block has been swapped for ``FusedMoE`` (one ``moerun::moe`` call) before tracing; the
+translation table turns that call into one com.microsoft.MoE node. The model is wrapped so its
+forward takes the KV cache as flat tensors and returns logits plus the flat presents.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import onnx_ir as ir
+import torch
+from torch import nn
+from transformers import DynamicCache
+
+from ..custom_ops.torch_op import ONNX_TRANSLATION
+from ..runtime.errors import ExportError
+from ..runtime.manifest import decoder_io_names
+
+__all__ = ["DecoderWithCache", "export_decoder", "kv_shape"]
+
+log = logging.getLogger(__name__)
+
+# Sample sizes for tracing: distinct and > 1 so that no dimension is specialised to a constant.
+_BATCH, _SEQ, _PAST = 2, 3, 5
+
+
+def kv_shape(config) -> tuple[int, int]:
+    """(num_kv_heads, head_dim) of a decoder config."""
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    return kv_heads, head_dim
+
+
+class DecoderWithCache(nn.Module):
+    """forward(input_ids, attention_mask, position_ids, *past) -> (logits, *presents), flat KV tensors."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.num_layers = model.config.num_hidden_layers
+
+    def forward(self, input_ids, attention_mask, position_ids, *past):
+        cache = DynamicCache()
+        for i in range(self.num_layers):
+            cache.update(past[2 * i], past[2 * i + 1], i)
+        out = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=cache,
+            use_cache=True,
+        )
+        presents = []
+        for layer in out.past_key_values.layers:
+            presents += [layer.keys, layer.values]
+        return (out.logits, *presents)
+
+
+def _sample_inputs(config, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+    kv_heads, head_dim = kv_shape(config)
+    g = torch.Generator().manual_seed(0)
+    input_ids = torch.randint(0, config.vocab_size, (_BATCH, _SEQ), generator=g)
+    attention_mask = torch.ones(_BATCH, _PAST + _SEQ, dtype=torch.int64)
+    position_ids = torch.arange(_PAST, _PAST + _SEQ).expand(_BATCH, _SEQ).contiguous()
+    past = tuple(
+        torch.randn(_BATCH, kv_heads, _PAST, head_dim, generator=g).to(dtype)
+        for _ in range(2 * config.num_hidden_layers)
+    )
+    return (input_ids, attention_mask, position_ids, *past)
+
+
+def _name_dynamic_dims(model: ir.Model, num_layers: int) -> None:
+    """Give the symbolic dims readable names: batch_size, sequence_length, past_sequence_length, ..."""
+    names = {"input_ids": ("batch_size", "sequence_length"),
+             "attention_mask": ("batch_size", "total_sequence_length"),
+             "position_ids": ("batch_size", "sequence_length"),
+             "logits": ("batch_size", "sequence_length", None)}
+    for i in range(num_layers):
+        for kv in ("key", "value"):
+            names[f"past_key_values.{i}.{kv}"] = ("batch_size", None, "past_sequence_length", None)
+            names[f"present.{i}.{kv}"] = ("batch_size", None, "total_sequence_length", None)
+    for value in [*model.graph.inputs, *model.graph.outputs]:
+        dims = names.get(value.name)
+        if dims is None or value.shape is None:
+            continue
+        value.shape = ir.Shape([
+            ir.SymbolicDim(name) if name is not None else dim for dim, name in zip(value.shape, dims)
+        ])
+
+
+def export_decoder(model: nn.Module) -> ir.Model:
+    """Export a decoder whose MoE blocks are already fused; returns the ONNX model in memory."""
+    config = model.config
+    layers = config.num_hidden_layers
+    input_names, output_names = decoder_io_names(layers)
+    dtype = next(model.parameters()).dtype
+    batch, seq, past_len = torch.export.Dim("batch"), torch.export.Dim("seq"), torch.export.Dim("past")
+    kv_dims = {0: batch, 2: past_len}
+    dynamic_shapes = (
+        {0: batch, 1: seq},
+        {0: batch, 1: torch.export.Dim.AUTO},
+        {0: batch, 1: seq},
+        tuple(kv_dims for _ in range(2 * layers)),
+    )
+    wrapper = DecoderWithCache(model).eval()
+    try:
+        with torch.no_grad():
+            program = torch.onnx.export(
+                wrapper,
+                _sample_inputs(config, dtype),
+                dynamo=True,
+                input_names=input_names,
+                output_names=output_names,
+                dynamic_shapes=dynamic_shapes,
+                custom_translation_table=ONNX_TRANSLATION,
+                optimize=True,
+                verbose=False,
+            )
+    except Exception as e:  # the exporter raises many types; all mean the same thing to the user
+        raise ExportError(f"torch.onnx.export failed for {type(model).__name__}: {str(e).splitlines()[0]}") from e
+    ir_model = program.model
+    _name_dynamic_dims(ir_model, layers)
+    return ir_model

@@ -1,0 +1,41 @@
+"""moerun's error hierarchy: every error a user can cause is a MoerunError with a message that says what to do."""
+
+from __future__ import annotations
+
+__all__ = [
+    "CheckpointError",
+    "ExportError",
+    "MoerunError",
+    "ModelDirError",
+    "OutputExistsError",
+    "UnsupportedModelError",
+    "VerificationError",
+]
+
+
+class MoerunError(Exception):
+    """Base of moerun's errors; the CLI prints the message on one line and exits non-zero."""
+
+
+class CheckpointError(MoerunError):
+    """The input checkpoint is missing, incomplete or unreadable."""
+
+
+class UnsupportedModelError(MoerunError):
+    """The checkpoint is readable but its architecture (or an option of it) is not supported."""
+
+
+class OutputExistsError(MoerunError):
+    """The output directory exists and --overwrite was not given."""
+
+
+class ExportError(MoerunError):
+    """Tracing or translating the model to ONNX failed."""
+
+
+class VerificationError(MoerunError):
+    """The exported model disagrees with the original beyond tolerance."""
+
+
+class ModelDirError(MoerunError):
+    """A directory given to the runtime is not a moerun model directory."""

@@ -1,0 +1,160 @@
+"""Token generation on an exported decoder: left padding, KV cache through IO binding, greedy and sampling."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnxruntime as ort
+
+from .errors import MoerunError
+from .manifest import Manifest
+
+__all__ = ["DecoderRunner", "GenerationStats", "SamplingConfig", "left_pad", "pick_next"]
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """Greedy when do_sample is False; otherwise temperature, then top-k, then top-p (as transformers)."""
+
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.temperature <= 0:
+            raise MoerunError(f"temperature must be > 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise MoerunError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise MoerunError(f"top_k must be >= 0, got {self.top_k}")
+
+
+@dataclass
+class GenerationStats:
+    prefill_tokens: int = 0
+    prefill_s: float = 0.0
+    decode_tokens: int = 0
+    decode_s: float = 0.0
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        return self.decode_tokens / self.decode_s if self.decode_s else 0.0
+
+    @property
+    def prefill_tokens_per_s(self) -> float:
+        return self.prefill_tokens / self.prefill_s if self.prefill_s else 0.0
+
+
+def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """(input_ids, attention_mask), each (batch, longest), padded on the left."""
+    if not sequences or any(len(s) == 0 for s in sequences):
+        raise MoerunError("every prompt must have at least one token")
+    width = max(len(s) for s in sequences)
+    ids = np.full((len(sequences), width), pad_id, dtype=np.int64)
+    mask = np.zeros((len(sequences), width), dtype=np.int64)
+    for row, seq in enumerate(sequences):
+        ids[row, width - len(seq):] = seq
+        mask[row, width - len(seq):] = 1
+    return ids, mask
+
+
+def pick_next(logits: np.ndarray, sampling: SamplingConfig, rng: np.random.Generator) -> np.ndarray:
+    """Next token per row from last-position logits (batch, vocab)."""
+    if not sampling.do_sample:
+        return logits.argmax(axis=-1)
+    scores = logits.astype(np.float64) / sampling.temperature
+    if sampling.top_k and sampling.top_k < scores.shape[-1]:
+        kth = np.partition(scores, -sampling.top_k, axis=-1)[:, -sampling.top_k, None]
+        scores = np.where(scores < kth, -np.inf, scores)
+    if sampling.top_p < 1.0:
+        order = np.argsort(scores, axis=-1)  # ascending, as transformers' TopPLogitsWarper
+        sorted_scores = np.take_along_axis(scores, order, axis=-1)
+        probs = np.exp(sorted_scores - sorted_scores.max(axis=-1, keepdims=True))
+        probs /= probs.sum(axis=-1, keepdims=True)
+        remove = np.cumsum(probs, axis=-1) <= 1 - sampling.top_p
+        remove[:, -1] = False  # always keep the most likely token
+        sorted_scores[remove] = -np.inf
+        np.put_along_axis(scores, order, sorted_scores, axis=-1)
+    probs = np.exp(scores - scores.max(axis=-1, keepdims=True))
+    probs /= probs.sum(axis=-1, keepdims=True)
+    cumulative = probs.cumsum(axis=-1)
+    draws = rng.random((scores.shape[0], 1)) * cumulative[:, -1:]
+    return (cumulative < draws).sum(axis=-1).clip(max=scores.shape[-1] - 1)
+
+
+class DecoderRunner:
+    """Runs the decoder graph step by step; KV-cache tensors stay as OrtValues on the device."""
+
+    def __init__(self, session: ort.InferenceSession, manifest: Manifest, device: str) -> None:
+        self.session = session
+        self.manifest = manifest
+        self.device = device
+        self.past_names = manifest.inputs[3:]
+        self.present_names = manifest.outputs[1:]
+        self.kv_dtype = np.float16 if manifest.dtype == "fp16" else np.float32
+
+    def empty_past(self, batch: int) -> list[ort.OrtValue]:
+        m = self.manifest
+        zeros = np.zeros((batch, m.num_kv_heads, 0, m.head_dim), dtype=self.kv_dtype)
+        return [ort.OrtValue.ortvalue_from_numpy(zeros, self.device, 0) for _ in self.past_names]
+
+    def step(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray,
+             past: list[ort.OrtValue]) -> tuple[np.ndarray, list[ort.OrtValue]]:
+        """One forward: (logits of the last position (batch, vocab), presents)."""
+        binding = self.session.io_binding()
+        binding.bind_cpu_input("input_ids", np.ascontiguousarray(input_ids, dtype=np.int64))
+        binding.bind_cpu_input("attention_mask", np.ascontiguousarray(attention_mask, dtype=np.int64))
+        binding.bind_cpu_input("position_ids", np.ascontiguousarray(position_ids, dtype=np.int64))
+        for name, value in zip(self.past_names, past):
+            binding.bind_ortvalue_input(name, value)
+        binding.bind_output("logits", self.device)
+        for name in self.present_names:
+            binding.bind_output(name, self.device)
+        self.session.run_with_iobinding(binding)
+        outputs = binding.get_outputs()
+        logits = outputs[0].numpy()[:, -1, :].astype(np.float32)
+        return logits, list(outputs[1:])
+
+    def generate(self, prompts: list[list[int]], max_new_tokens: int, sampling: SamplingConfig,
+                 eos_token_ids: list[int], pad_token_id: int) -> tuple[list[list[int]], GenerationStats]:
+        """New tokens per prompt, each ending at (and including) its first EOS token."""
+        if max_new_tokens < 1:
+            raise MoerunError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        rng = np.random.default_rng(sampling.seed)
+        input_ids, mask = left_pad(prompts, pad_token_id)
+        batch = len(prompts)
+        positions = np.where(mask == 1, mask.cumsum(-1) - 1, 0)
+        eos = np.array(eos_token_ids or [-1], dtype=np.int64)
+        finished = np.zeros(batch, dtype=bool)
+        generated = np.full((batch, max_new_tokens), pad_token_id, dtype=np.int64)
+        stats = GenerationStats(prefill_tokens=int(mask.sum()))
+
+        start = time.perf_counter()
+        logits, past = self.step(input_ids, mask, positions, self.empty_past(batch))
+        stats.prefill_s = time.perf_counter() - start
+        next_pos = mask.sum(-1, keepdims=True)
+        start = time.perf_counter()
+        for t in range(max_new_tokens):
+            token = np.where(finished, pad_token_id, pick_next(logits, sampling, rng))
+            generated[:, t] = token
+            finished |= np.isin(token, eos)
+            if finished.all() or t == max_new_tokens - 1:
+                break
+            mask = np.concatenate([mask, np.ones((batch, 1), dtype=np.int64)], axis=1)
+            logits, past = self.step(token[:, None], mask, next_pos, past)
+            next_pos = next_pos + 1
+            stats.decode_tokens += batch
+        stats.decode_s = time.perf_counter() - start
+        return [_trim(row, eos) for row in generated.tolist()], stats
+
+
+def _trim(row: list[int], eos: np.ndarray) -> list[int]:
+    for i, token in enumerate(row):
+        if token in eos:
+            return row[: i + 1]
+    return row

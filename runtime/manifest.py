@@ -1,0 +1,69 @@
+"""moerun.json: what a model directory holds and how to feed it. The runtime owns this format."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from .errors import ModelDirError
+
+__all__ = ["MANIFEST_FILE", "FORMAT_VERSION", "Manifest", "decoder_io_names"]
+
+MANIFEST_FILE = "moerun.json"
+FORMAT_VERSION = 1
+
+
+def decoder_io_names(num_layers: int) -> tuple[list[str], list[str]]:
+    """Input and output names of a decoder with KV cache (the onnxruntime-genai naming)."""
+    past = [f"past_key_values.{i}.{kv}" for i in range(num_layers) for kv in ("key", "value")]
+    present = [f"present.{i}.{kv}" for i in range(num_layers) for kv in ("key", "value")]
+    return ["input_ids", "attention_mask", "position_ids", *past], ["logits", *present]
+
+
+@dataclass
+class Manifest:
+    architecture: str
+    model_type: str
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    hidden_size: int
+    num_experts: int
+    experts_per_token: int
+    moe_layers: int
+    dtype: str = "fp32"
+    model_file: str = "model.onnx"
+    inputs: list[str] = field(default_factory=list)
+    outputs: list[str] = field(default_factory=list)
+    passes: list[str] = field(default_factory=list)
+    eos_token_id: list[int] = field(default_factory=list)
+    pad_token_id: int | None = None
+    bos_token_id: int | None = None
+    verify: dict | None = None
+    source: str = ""
+    moerun_version: str = ""
+    format_version: int = FORMAT_VERSION
+
+    def save(self, directory: Path) -> None:
+        (Path(directory) / MANIFEST_FILE).write_text(json.dumps(asdict(self), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, directory: str | Path) -> Manifest:
+        path = Path(directory) / MANIFEST_FILE
+        if not path.is_file():
+            raise ModelDirError(f"{directory}: no {MANIFEST_FILE}; convert a checkpoint first with 'moerun convert'")
+        try:
+            data = json.loads(path.read_text())
+        except ValueError as e:
+            raise ModelDirError(f"{path}: not valid JSON ({e})") from e
+        if data.get("format_version") != FORMAT_VERSION:
+            raise ModelDirError(
+                f"{path}: manifest format {data.get('format_version')}, this moerun reads {FORMAT_VERSION}"
+            )
+        known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
+        try:
+            return cls(**known)
+        except TypeError as e:
+            raise ModelDirError(f"{path}: incomplete manifest ({e})") from e
