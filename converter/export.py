@@ -50,11 +50,11 @@ class DecoderWithCache(nn.Module):
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=cache,
+            cache=cache,
             use_cache=True,
         )
         presents = []
-        for layer in out.past_key_values.layers:
+        for layer in out.cache.layers:
             presents += [layer.keys, layer.values]
         return (out.logits, *presents)
 

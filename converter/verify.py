@@ -81,7 +81,7 @@ def reference(model, eos_ids: list[int], pad_id: int, seed: int = 0, new_tokens:
     split = ids.shape[1] - 2
     first = model(input_ids=ids[:, :split], attention_mask=mask[:, :split], position_ids=pos[:, :split], use_cache=True)
     step = model(input_ids=ids[:, split:], attention_mask=mask, position_ids=pos[:, split:],
-                 past_key_values=first.past_key_values, use_cache=True).logits
+                 cache=first.cache, use_cache=True).logits
     out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False,
                          num_beams=1, pad_token_id=pad_id, eos_token_id=eos_ids or None)
     greedy = [_trim(row, set(eos_ids)) for row in out[:, ids.shape[1]:].tolist()]

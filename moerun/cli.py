@@ -1,0 +1,154 @@
+"""The `moerun` command line: convert, generate, demo. Errors are one line on stderr and exit code 1."""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from pathlib import Path
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from .runtime.errors import MoerunError
+from .runtime.session import PROVIDERS
+
+err = Console(stderr=True, highlight=False)
+out = Console(highlight=False)
+
+
+class _Group(click.Group):
+    """Turns MoerunError into click's one-line 'Error: ...' and exit code 1, never a traceback."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except MoerunError as e:
+            raise click.ClickException(str(e)) from None
+
+
+def _quiet_libraries() -> None:
+    """The exporter and its dependencies log and warn a lot that users cannot act on."""
+    warnings.filterwarnings("ignore")
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    for name in ("torch", "torch.onnx", "onnxscript", "onnx_ir", "transformers"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+
+def _quiet_converter_libraries() -> None:
+    """torch resets its loggers' levels on import, so these are set after the converter is imported."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    for name in ("torch", "torch.onnx", "torch.onnx._internal.exporter._registration"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+@click.group(cls=_Group)
+@click.version_option(package_name="moerun")
+def main() -> None:
+    """Bring Mixture-of-Experts models to production on ONNX Runtime."""
+    _quiet_libraries()
+
+
+def _human(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def run_convert(source: Path, output: Path, **options):
+    """convert() with a live status line per stage on stderr."""
+    from .converter.convert import convert
+
+    _quiet_converter_libraries()
+    with err.status("starting") as status:
+        def on_stage(name: str) -> None:
+            status.update(f"[bold]{name}[/bold]")
+            err.print(f"  • {name}")
+
+        result = convert(source, output, on_stage=on_stage, **options)
+    return result
+
+
+@main.command()
+@click.argument("source", type=click.Path(path_type=Path))
+@click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="Output model directory.")
+@click.option("--dtype", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True)
+@click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists.")
+@click.option("--verify", is_flag=True, help="Compare against the PyTorch model; exit 1 over tolerance.")
+@click.option("--tolerance", type=float, default=None, help="Max abs logit difference for --verify.")
+def convert(source: Path, output: Path, dtype: str, overwrite: bool, verify: bool, tolerance: float | None) -> None:
+    """Convert a Hugging Face MoE checkpoint directory SOURCE to ONNX."""
+    err.print(f"converting {source} -> {output}")
+    result = run_convert(source, output, dtype=dtype, overwrite=overwrite, verify=verify, tolerance=tolerance)
+    m = result.manifest
+    err.print(f"{m.architecture}: {m.moe_layers} MoE layers fused ({m.num_experts} experts, top-{m.experts_per_token}),"
+              f" ONNX {_human(result.onnx_bytes)} from {_human(result.checkpoint_bytes)} of safetensors")
+    if result.report:
+        r = result.report
+        err.print(f"verify: max |Δlogits| prefill {r.max_abs_prefill:.2e}, decode {r.max_abs_decode:.2e} "
+                  f"(tolerance {r.tolerance:g}); greedy agreement {r.greedy_agreement:.1%} "
+                  f"over {r.greedy_tokens} tokens: [green]passed[/green]")
+    out.print(str(result.output))
+
+
+def _sampling_options(f):
+    for opt in reversed([
+        click.option("--max-new-tokens", type=click.IntRange(min=1), default=32, show_default=True),
+        click.option("--do-sample", is_flag=True, help="Sample instead of greedy decoding."),
+        click.option("--temperature", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True),
+        click.option("--top-k", type=click.IntRange(min=0), default=0, show_default=True),
+        click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=1.0, show_default=True),
+        click.option("--seed", type=int, default=None),
+        click.option("--provider", type=click.Choice(PROVIDERS), default="auto", show_default=True),
+        click.option("--threads", type=click.IntRange(min=1), default=None, help="ONNX Runtime intra-op threads."),
+    ]):
+        f = opt(f)
+    return f
+
+
+@main.command()
+@click.argument("model_dir", type=click.Path(path_type=Path))
+@click.option("-p", "--prompt", "prompts", multiple=True, required=True, help="A prompt; repeat for a batch.")
+@_sampling_options
+def generate(model_dir: Path, prompts: tuple[str, ...], max_new_tokens: int, do_sample: bool, temperature: float,
+             top_k: int, top_p: float, seed: int | None, provider: str, threads: int | None) -> None:
+    """Generate text from an exported model directory MODEL_DIR."""
+    from .runtime import MoEModel
+
+    model = MoEModel.load(model_dir, provider=provider, threads=threads)
+    err.print(f"{model.manifest.architecture} on {model.execution_provider}")
+    texts = model.generate(list(prompts), max_new_tokens, do_sample=do_sample, temperature=temperature,
+                           top_k=top_k, top_p=top_p, seed=seed)
+    for prompt, text in zip(prompts, texts):
+        out.print(prompt + text, markup=False)
+    s = model.last_stats
+    err.print(f"prefill {s.prefill_tokens} tokens at {s.prefill_tokens_per_s:.0f} tok/s, "
+              f"decode {s.decode_tokens} tokens at {s.decode_tokens_per_s:.0f} tok/s")
+
+
+@main.command()
+@click.option("--workdir", type=click.Path(path_type=Path), default=None,
+              help="Keep the demo checkpoint and ONNX model here (default: a temporary directory).")
+@click.option("--provider", type=click.Choice(PROVIDERS), default="cpu", show_default=True)
+def demo(workdir: Path | None, provider: str) -> None:
+    """Build a small Mixtral-style MoE checkpoint, convert it, verify it, generate, and summarise."""
+    from .demo import run_demo
+
+    table = run_demo(workdir, provider, err)
+    out.print(table)
+
+
+def summary_table(rows: list[tuple[str, str]], title: str) -> Table:
+    table = Table(title=title, show_header=False)
+    table.add_column(style="bold")
+    table.add_column()
+    for k, v in rows:
+        table.add_row(k, v)
+    return table
