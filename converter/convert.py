@@ -95,12 +95,11 @@ def convert(
         raise MoerunError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
     source, output = Path(source), Path(output)
     check_output(output, overwrite)  # fail before minutes of work, not after
-    stage = _Stages(on_stage)
-
-    stage("read checkpoint")
+    # Validate everything cheap before the first stage is announced: bad input fails in one line.
     checkpoint = open_checkpoint(source)
     config = checkpoint.config
     adapter = adapter_for(config)
+    stage = _Stages(on_stage)
     stage("load model")
     model = checkpoint.load_model(dtype)
     eos, pad, bos = _special_tokens(model)

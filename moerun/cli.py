@@ -67,7 +67,7 @@ def run_convert(source: Path, output: Path, **options):
     from .converter.convert import convert
 
     _quiet_converter_libraries()
-    with err.status("starting") as status:
+    with err.status("checking the checkpoint") as status:
         def on_stage(name: str) -> None:
             status.update(f"[bold]{name}[/bold]")
             err.print(f"  • {name}")
@@ -85,7 +85,6 @@ def run_convert(source: Path, output: Path, **options):
 @click.option("--tolerance", type=float, default=None, help="Max abs logit difference for --verify.")
 def convert(source: Path, output: Path, dtype: str, overwrite: bool, verify: bool, tolerance: float | None) -> None:
     """Convert a Hugging Face MoE checkpoint directory SOURCE to ONNX."""
-    err.print(f"converting {source} -> {output}")
     result = run_convert(source, output, dtype=dtype, overwrite=overwrite, verify=verify, tolerance=tolerance)
     m = result.manifest
     err.print(f"{m.architecture}: {m.moe_layers} MoE layers fused ({m.num_experts} experts, top-{m.experts_per_token}),"
@@ -123,9 +122,9 @@ def generate(model_dir: Path, prompts: tuple[str, ...], max_new_tokens: int, do_
     from .runtime import MoEModel
 
     model = MoEModel.load(model_dir, provider=provider, threads=threads)
-    err.print(f"{model.manifest.architecture} on {model.execution_provider}")
     texts = model.generate(list(prompts), max_new_tokens, do_sample=do_sample, temperature=temperature,
                            top_k=top_k, top_p=top_p, seed=seed)
+    err.print(f"{model.manifest.architecture} on {model.execution_provider}")
     for prompt, text in zip(prompts, texts):
         out.print(prompt + text, markup=False)
     s = model.last_stats

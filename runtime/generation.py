@@ -11,7 +11,7 @@ import onnxruntime as ort
 from .errors import MoerunError
 from .manifest import Manifest
 
-__all__ = ["DecoderRunner", "GenerationStats", "SamplingConfig", "left_pad", "pick_next"]
+__all__ = ["DecoderRunner", "GenerationStats", "SamplingConfig", "filter_logits", "left_pad", "pick_next"]
 
 
 @dataclass(frozen=True)
@@ -63,28 +63,35 @@ def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.nd
     return ids, mask
 
 
-def pick_next(logits: np.ndarray, sampling: SamplingConfig, rng: np.random.Generator) -> np.ndarray:
-    """Next token per row from last-position logits (batch, vocab)."""
-    if not sampling.do_sample:
-        return logits.argmax(axis=-1)
+def filter_logits(logits: np.ndarray, sampling: SamplingConfig) -> np.ndarray:
+    """Temperature, then top-k, then top-p (as transformers' warpers): removed tokens get -inf."""
     scores = logits.astype(np.float64) / sampling.temperature
     if sampling.top_k and sampling.top_k < scores.shape[-1]:
         kth = np.partition(scores, -sampling.top_k, axis=-1)[:, -sampling.top_k, None]
         scores = np.where(scores < kth, -np.inf, scores)
     if sampling.top_p < 1.0:
-        order = np.argsort(scores, axis=-1)  # ascending, as transformers' TopPLogitsWarper
+        order = np.argsort(scores, axis=-1, kind="stable")  # ascending, as TopPLogitsWarper
         sorted_scores = np.take_along_axis(scores, order, axis=-1)
-        probs = np.exp(sorted_scores - sorted_scores.max(axis=-1, keepdims=True))
-        probs /= probs.sum(axis=-1, keepdims=True)
+        probs = _softmax(sorted_scores)
         remove = np.cumsum(probs, axis=-1) <= 1 - sampling.top_p
         remove[:, -1] = False  # always keep the most likely token
         sorted_scores[remove] = -np.inf
         np.put_along_axis(scores, order, sorted_scores, axis=-1)
-    probs = np.exp(scores - scores.max(axis=-1, keepdims=True))
-    probs /= probs.sum(axis=-1, keepdims=True)
-    cumulative = probs.cumsum(axis=-1)
-    draws = rng.random((scores.shape[0], 1)) * cumulative[:, -1:]
-    return (cumulative < draws).sum(axis=-1).clip(max=scores.shape[-1] - 1)
+    return scores
+
+
+def _softmax(scores: np.ndarray) -> np.ndarray:
+    e = np.exp(scores - scores.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def pick_next(logits: np.ndarray, sampling: SamplingConfig, rng: np.random.Generator) -> np.ndarray:
+    """Next token per row from last-position logits (batch, vocab): argmax, or a draw from the filtered softmax."""
+    if not sampling.do_sample:
+        return logits.argmax(axis=-1)
+    cumulative = _softmax(filter_logits(logits, sampling)).cumsum(axis=-1)
+    draws = rng.random((logits.shape[0], 1)) * cumulative[:, -1:]
+    return (cumulative < draws).sum(axis=-1).clip(max=logits.shape[-1] - 1)
 
 
 class DecoderRunner:

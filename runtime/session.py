@@ -65,6 +65,8 @@ def create_session(model_path: str, provider: str = "auto", threads: int | None 
     except Exception as e:  # onnxruntime raises its own exception types for bad files
         raise MoerunError(f"{model_path}: ONNX Runtime cannot load it: {str(e).splitlines()[0]}") from e
     if _EP[chosen] not in session.get_providers():
-        raise MoerunError(f"ONNX Runtime could not start {_EP[chosen]} (missing CUDA libraries? pip install moerun[cuda])")
+        raise MoerunError(
+            f"ONNX Runtime could not start {_EP[chosen]} (missing CUDA libraries? pip install 'moerun[cuda]')"
+        )
     log.info("session on %s", session.get_providers()[0])
     return session

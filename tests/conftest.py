@@ -57,6 +57,6 @@ def converted(checkpoints, tmp_path_factory) -> dict[str, Path]:
 
 def run_cli(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
     """The installed console script, as a user runs it."""
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONWARNINGS"}
     exe = Path(sys.executable).with_name("moerun")
     return subprocess.run([str(exe), *args], capture_output=True, text=True, timeout=timeout, env=env)

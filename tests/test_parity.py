@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import SHAPES
 from transformers import AutoModelForCausalLM
 
+from conftest import SHAPES
 from moerun import MoEModel
 from moerun.converter.verify import padded, sample_prompts
 

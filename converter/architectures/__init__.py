@@ -27,6 +27,13 @@ def supported_architectures() -> list[str]:
     return sorted(_REGISTRY)
 
 
+_EXPERT_COUNT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
+
+
+def _has_experts(config) -> bool:
+    return any(getattr(config, key, None) for key in _EXPERT_COUNT_KEYS)
+
+
 def adapter_for(config):
     """The adapter for a transformers config; UnsupportedModelError lists what is supported."""
     names = list(getattr(config, "architectures", None) or [])
@@ -36,6 +43,11 @@ def adapter_for(config):
             adapter.check_config(config)
             return adapter
     shown = ", ".join(names) or f"model_type {getattr(config, 'model_type', '?')!r}"
+    if not _has_experts(config):
+        raise UnsupportedModelError(
+            f"{shown} is a dense model (no Mixture-of-Experts layers); moerun converts MoE models: "
+            f"{', '.join(supported_architectures())}"
+        )
     raise UnsupportedModelError(
         f"unsupported architecture {shown}; supported: {', '.join(supported_architectures())}"
     )

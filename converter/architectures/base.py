@@ -9,8 +9,10 @@ from dataclasses import asdict
 import torch
 from torch import nn
 
-from ...custom_ops import MoEAttributes
-from ...custom_ops import torch_op  # noqa: F401  (registers torch.ops.moerun.moe)
+from ...custom_ops import (
+    MoEAttributes,
+    torch_op,  # noqa: F401  (registers torch.ops.moerun.moe)
+)
 from ...runtime.errors import UnsupportedModelError
 
 __all__ = ["FusedMoE", "MoEAdapter", "interleave_gate_up"]

@@ -1,0 +1,71 @@
+"""What the exported graph must look like: fused MoE nodes, KV-cache I/O, loadable by stock tools."""
+
+from __future__ import annotations
+
+import json
+
+import onnx
+import pytest
+
+from conftest import SHAPES
+from moerun.converter.passes import MAX_IR_VERSION
+from moerun.custom_ops import register_schemas
+from moerun.runtime.manifest import decoder_io_names
+
+
+def _load(path):
+    return onnx.load(path / "model.onnx")
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_one_fused_moe_node_per_layer_and_no_control_flow(shape, converted):
+    model = _load(converted[shape])
+    ops = [n.op_type for n in model.graph.node]
+    moe = [n for n in model.graph.node if n.op_type == "MoE"]
+    assert len(moe) == SHAPES[shape]["num_hidden_layers"]
+    assert all(n.domain == "com.microsoft" for n in moe)
+    assert not {"Loop", "If", "NonZero", "Scan", "TopK"} & set(ops)
+    k = SHAPES[shape]["num_experts_per_tok"]
+    for node in moe:
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        assert attrs["k"] == k and attrs["normalize_routing_weights"] == 1
+        assert attrs["activation_type"] == b"swiglu" and attrs["swiglu_fusion"] == 1
+
+
+def test_kv_cache_inputs_and_outputs_with_dynamic_dims(converted):
+    model = _load(converted["k2_e8_h96"])
+    layers = SHAPES["k2_e8_h96"]["num_hidden_layers"]
+    inputs, outputs = decoder_io_names(layers)
+    assert [i.name for i in model.graph.input] == inputs
+    assert [o.name for o in model.graph.output] == outputs
+    assert "past_key_values.2.value" in inputs and "present.2.key" in outputs
+
+    def dims(value):
+        return [d.dim_param or d.dim_value for d in value.type.tensor_type.shape.dim]
+
+    by_name = {v.name: v for v in [*model.graph.input, *model.graph.output]}
+    assert dims(by_name["input_ids"]) == ["batch_size", "sequence_length"]
+    assert dims(by_name["attention_mask"]) == ["batch_size", "total_sequence_length"]
+    assert dims(by_name["past_key_values.0.key"]) == ["batch_size", 3, "past_sequence_length", 16]
+    assert dims(by_name["present.0.value"]) == ["batch_size", 3, "total_sequence_length", 16]
+    assert dims(by_name["logits"]) == ["batch_size", "sequence_length", 160]
+
+
+def test_checker_and_shape_inference_accept_the_model(converted):
+    register_schemas()
+    path = converted["k1_e4_h72"] / "model.onnx"
+    onnx.checker.check_model(str(path), full_check=True)
+    model = onnx.load(path)
+    assert model.ir_version <= MAX_IR_VERSION
+
+
+def test_output_directory_holds_manifest_and_side_files(converted, checkpoints):
+    out = converted["k2_e4_h60"]
+    manifest = json.loads((out / "moerun.json").read_text())
+    assert manifest["architecture"] == "MixtralForCausalLM"
+    assert manifest["moe_layers"] == 2 and manifest["num_experts"] == 4 and manifest["experts_per_token"] == 2
+    assert manifest["num_kv_heads"] == 1 and manifest["head_dim"] == 20
+    assert manifest["passes"] == ["PinIrVersion", "CheckFusedMoE"]
+    assert manifest["eos_token_id"] == [2] and manifest["moerun_version"]
+    assert (out / "config.json").is_file() and (out / "generation_config.json").is_file()
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(".")], "no staging directory left behind"
