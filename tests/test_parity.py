@@ -84,3 +84,21 @@ def test_eos_ends_a_row_and_the_others_continue(checkpoints, converted):
         cut = row.index(eos) + 1 if eos in row else len(row)
         assert new == row[:cut]
     assert len(ours[0]) <= 4
+
+
+def test_fp16_export_stays_close_to_fp32_pytorch(checkpoints, tmp_path):
+    from moerun.converter.convert import convert
+
+    out = convert(checkpoints["k1_e4_h72"], tmp_path / "fp16", dtype="fp16").output
+    onnx = MoEModel.load(out, provider="cpu")
+    assert onnx.manifest.dtype == "fp16"
+    hf = _hf(checkpoints["k1_e4_h72"])
+    prompts = sample_prompts(hf.config.vocab_size, seed=5, lengths=(7, 4))
+    ids, mask, pos = padded(prompts, pad_id=0)
+    with torch.no_grad():
+        expected = hf(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask),
+                      position_ids=torch.from_numpy(pos)).logits.numpy()
+    ours, presents = onnx.forward(ids, mask, pos)
+    assert ours.dtype == np.float16 and presents[0].dtype == np.float16
+    assert np.abs(ours.astype(np.float32) - expected)[mask.astype(bool)].max() < 1e-2
+    assert len(onnx.generate_ids(prompts, max_new_tokens=5)[0]) >= 1
