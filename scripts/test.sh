@@ -13,7 +13,7 @@ python -m pip install -q ".[test]"                 # non-editable, as users inst
 (cd tests/node && npm install --ignore-scripts --no-audit --no-fund --loglevel=error)
 ruff check .
 rc=0
-python -m pytest "$@" || rc=$?
+python -m pytest tests "$@" || rc=$?
 if [ "$rc" -eq 5 ]; then
   echo "pytest collected no tests for this selection (exit 5)"
   exit 0
