@@ -76,6 +76,38 @@ def run_convert(source: Path, output: Path, **options):
     return result
 
 
+def _quant_options(f):
+    """Options shared by `quantize` and `convert --quantize` (see QuantizeOptions for the defaults)."""
+    for opt in reversed([
+        click.option("--block-size", type=click.Choice(["0", "16", "32", "64", "128"]), default="64", show_default=True,
+                     help="Quantization block along K; 0 = one scale per output row (a slow path on CPU)."),
+        click.option("--scheme", type=click.Choice(["symmetric", "asymmetric"]), default="symmetric",
+                     show_default=True, help="asymmetric writes zero points."),
+        click.option("--method", type=click.Choice(["rtn", "mse"]), default="mse", show_default=True,
+                     help="rtn: abs-max round-to-nearest; mse: per-group clip search minimising weight error."),
+        click.option("--dense", type=click.Choice(["none", "int8", "int4"]), default="none", show_default=True,
+                     help="Also quantize non-expert MatMuls to MatMulNBits (ONNX Runtime's quantizer)."),
+        click.option("--fp16", is_flag=True, help="The rest of the graph and its activations in fp16."),
+        click.option("--accuracy-level", type=click.IntRange(0, 4), default=None,
+                     help="ONNX Runtime accuracy_level; 4 = int8 activations on CPU (faster, less exact)."),
+    ]):
+        f = opt(f)
+    return f
+
+
+def _quant(bits: int, block_size: str, scheme: str, method: str, dense: str, fp16: bool, accuracy_level):
+    from .converter.quantize import QuantizeOptions
+
+    return QuantizeOptions(bits=bits, block_size=int(block_size), scheme=scheme, method=method, dense=dense,
+                           fp16=fp16, accuracy_level=accuracy_level)
+
+
+def _print_layers(layers: list[dict]) -> None:
+    worst = max(max(r["fc1_rel_rmse"], r["fc2_rel_rmse"]) for r in layers)
+    mean = sum(r["fc1_rel_rmse"] + r["fc2_rel_rmse"] for r in layers) / (2 * len(layers))
+    err.print(f"expert weight error (relative RMS): mean {mean:.4f}, worst layer {worst:.4f}")
+
+
 @main.command()
 @click.argument("source", type=click.Path(path_type=Path))
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="Output model directory.")
@@ -83,17 +115,62 @@ def run_convert(source: Path, output: Path, **options):
 @click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists.")
 @click.option("--verify", is_flag=True, help="Compare against the PyTorch model; exit 1 over tolerance.")
 @click.option("--tolerance", type=float, default=None, help="Max abs logit difference for --verify.")
-def convert(source: Path, output: Path, dtype: str, overwrite: bool, verify: bool, tolerance: float | None) -> None:
+@click.option("--quantize", "quantize", type=click.Choice(["int4", "int8"]), default=None,
+              help="Quantize the expert weights in the same run (QMoE).")
+@_quant_options
+def convert(source: Path, output: Path, dtype: str, overwrite: bool, verify: bool, tolerance: float | None,
+            quantize: str | None, **quant) -> None:
     """Convert a Hugging Face MoE checkpoint directory SOURCE to ONNX."""
-    result = run_convert(source, output, dtype=dtype, overwrite=overwrite, verify=verify, tolerance=tolerance)
+    options = _quant(int(quantize[3:]), **quant) if quantize else None
+    result = run_convert(source, output, dtype=dtype, overwrite=overwrite, verify=verify, tolerance=tolerance,
+                         quantize=options)
     m = result.manifest
     err.print(f"{m.architecture}: {m.moe_layers} MoE layers fused ({m.num_experts} experts, top-{m.experts_per_token}),"
               f" ONNX {_human(result.onnx_bytes)} from {_human(result.checkpoint_bytes)} of safetensors")
+    if m.quantization:
+        _print_layers(m.quantization["layers"])
     if result.report:
         r = result.report
+        limit = f"tolerance {r.tolerance:g}" if r.tolerance is not None else "no tolerance: quantized, reported only"
         err.print(f"verify: max |Δlogits| prefill {r.max_abs_prefill:.2e}, decode {r.max_abs_decode:.2e} "
-                  f"(tolerance {r.tolerance:g}); greedy agreement {r.greedy_agreement:.1%} "
+                  f"({limit}); greedy agreement {r.greedy_agreement:.1%} "
                   f"over {r.greedy_tokens} tokens: [green]passed[/green]")
+    out.print(str(result.output))
+
+
+@main.command()
+@click.argument("source", type=click.Path(path_type=Path))
+@click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="Output model directory.")
+@click.option("--bits", type=click.Choice(["4", "8"]), default="4", show_default=True)
+@_quant_options
+@click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists.")
+@click.option("--report", type=click.Path(path_type=Path), default=None,
+              help="Also measure every standard variant on held-out text: Markdown here, JSON beside it.")
+@click.option("--eval-text", type=click.Path(path_type=Path, dir_okay=False, exists=True), default=None,
+              help="Held-out text for --report (default: held-out Python standard-library modules).")
+def quantize(source: Path, output: Path, bits: str, overwrite: bool, report: Path | None, eval_text: Path | None,
+             **quant) -> None:
+    """Quantize the experts of an exported model directory SOURCE to int4/int8 (QMoE)."""
+    from .converter.quantize import quantize_model
+
+    options = _quant(int(bits), **quant)
+    with err.status("quantizing") as status:
+        def on_stage(name: str) -> None:
+            status.update(f"[bold]{name}[/bold]")
+            err.print(f"  • {name}")
+
+        result = quantize_model(source, output, options, overwrite=overwrite, on_stage=on_stage)
+        if report:
+            from .converter.report import build_report, stdlib_heldout_text, write_report
+
+            text = eval_text.read_text(encoding="utf-8") if eval_text else stdlib_heldout_text()
+            rows = build_report(source, text, options, on_stage=on_stage)
+            write_report(rows, report, f"Quantization report: {source.name}")
+    _print_layers(result.layers)
+    err.print(f"{options.label}: {_human(result.onnx_bytes)} ({result.onnx_bytes / result.source_bytes:.3f}x of "
+              f"{_human(result.source_bytes)})")
+    if report:
+        err.print(f"report: {report} and {report.with_suffix('.json')}")
     out.print(str(result.output))
 
 

@@ -18,6 +18,7 @@ from .architectures import adapter_for
 from .export import export_decoder, kv_shape
 from .output import check_output, copy_side_files, save_model, staged_directory
 from .passes import CheckFusedMoE, PinIrVersion
+from .quantize import QuantizeOptions, apply_quantization
 from .sources import open_checkpoint
 
 __all__ = ["ConvertResult", "DTYPES", "convert"]
@@ -85,10 +86,12 @@ def convert(
     overwrite: bool = False,
     verify: bool = False,
     tolerance: float | None = None,
+    quantize: QuantizeOptions | None = None,
     on_stage: Callable[[str], None] | None = None,
 ) -> ConvertResult:
     """Export ``source`` to ``output`` with one com.microsoft.MoE node per MoE layer.
 
+    With ``quantize``, the experts (and optionally dense weights) are quantized before saving.
     Nothing is written to ``output`` unless every stage (and --verify, when asked) succeeds.
     """
     if dtype not in DTYPES:
@@ -99,6 +102,13 @@ def convert(
     checkpoint = open_checkpoint(source)
     config = checkpoint.config
     adapter = adapter_for(config)
+    if quantize is not None:
+        hidden, inter = adapter.expert_dims(config)
+        try:
+            quantize.spec.check(2 * inter, hidden, "fc1")
+            quantize.spec.check(hidden, inter, "fc2")
+        except ValueError as e:
+            raise MoerunError(f"cannot quantize this model's experts: {e}") from None
     stage = _Stages(on_stage)
     stage("load model")
     model = checkpoint.load_model(dtype)
@@ -142,6 +152,9 @@ def convert(
         source=str(source.resolve()),
         moerun_version=__version__,
     )
+    if quantize is not None:
+        stage(f"quantize ({quantize.label})")
+        onnx_model, _ = apply_quantization(onnx_model, manifest, quantize)
     with staged_directory(output, overwrite) as staging:
         stage("save")
         files = save_model(onnx_model, staging) + copy_side_files(source, staging)
@@ -149,7 +162,9 @@ def convert(
         if ref is not None:
             manifest.save(staging)
             stage("verify (ONNX Runtime)")
-            tol = tolerance if tolerance is not None else verify_mod.DEFAULT_TOLERANCE[dtype]
+            tol = tolerance
+            if tol is None and quantize is None:  # a quantized model is reported on, not held to fp tolerance
+                tol = verify_mod.DEFAULT_TOLERANCE[dtype]
             report = verify_mod.compare(MoEModel.load(staging, provider="cpu"), ref, tol)
             manifest.verify = report.to_dict()
             verify_mod.check(report)

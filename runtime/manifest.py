@@ -42,6 +42,7 @@ class Manifest:
     pad_token_id: int | None = None
     bos_token_id: int | None = None
     verify: dict | None = None
+    quantization: dict | None = None
     source: str = ""
     moerun_version: str = ""
     format_version: int = FORMAT_VERSION

@@ -60,3 +60,13 @@ def run_cli(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k != "PYTHONWARNINGS"}
     exe = Path(sys.executable).with_name("moerun")
     return subprocess.run([str(exe), *args], capture_output=True, text=True, timeout=timeout, env=env)
+
+
+FIXTURE = Path(__file__).parent / "fixtures" / "tiny-moe"
+
+
+@pytest.fixture(scope="session")
+def tiny_moe_fixture() -> Path:
+    """The small trained MoE language model (scripts/train_tiny_moe.py), committed under tests/fixtures."""
+    assert (FIXTURE / "model.safetensors").is_file(), "run scripts/train_tiny_moe.py to rebuild the fixture"
+    return FIXTURE

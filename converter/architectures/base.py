@@ -81,6 +81,10 @@ class MoEAdapter:
     def experts_per_token(self, config) -> int:
         return config.num_experts_per_tok
 
+    def expert_dims(self, config) -> tuple[int, int]:
+        """(hidden, intermediate) of one expert: fc1 is (2*I or I, H), fc2 is (H, I)."""
+        return config.hidden_size, getattr(config, "moe_intermediate_size", None) or config.intermediate_size
+
     def moe_blocks(self, model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
         for name, module in model.named_modules():
             if type(module).__name__ == self.block_class_name:
