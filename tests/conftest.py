@@ -70,3 +70,52 @@ def tiny_moe_fixture() -> Path:
     """The small trained MoE language model (scripts/train_tiny_moe.py), committed under tests/fixtures."""
     assert (FIXTURE / "model.safetensors").is_file(), "run scripts/train_tiny_moe.py to rebuild the fixture"
     return FIXTURE
+
+
+def hf_logits_prefill_and_steps(hf, ids, mask, pos, split: int, steps: int = 2):
+    """Oracle logits from PyTorch: the full prefill, and `steps` one-token decode steps after `split`."""
+    t = {k: torch.from_numpy(v) for k, v in dict(input_ids=ids, attention_mask=mask, position_ids=pos).items()}
+    with torch.no_grad():
+        full = hf(**t).logits.float().numpy()
+        out = hf(input_ids=t["input_ids"][:, :split], attention_mask=t["attention_mask"][:, :split],
+                 position_ids=t["position_ids"][:, :split], use_cache=True)
+        cache, decoded = out.cache, []
+        for i in range(split, split + steps):
+            out = hf(input_ids=t["input_ids"][:, i:i + 1], attention_mask=t["attention_mask"][:, :i + 1],
+                     position_ids=t["position_ids"][:, i:i + 1], cache=cache, use_cache=True)
+            cache = out.cache
+            decoded.append(out.logits.float().numpy())
+    return full, decoded
+
+
+def assert_matches_pytorch(hf, onnx, tol: float = 1e-4, seed: int = 1, steps: int = 2) -> float:
+    """Prefill and decode-with-past logits of the ONNX model within `tol` of PyTorch; returns the max error."""
+    import numpy as np
+
+    from moerun.converter.verify import padded, sample_prompts
+
+    prompts = sample_prompts(hf.config.vocab_size, seed=seed, lengths=(11, 4, 8))
+    ids, mask, pos = padded(prompts, pad_id=0)
+    valid = mask.astype(bool)
+    split = 6
+    full, decoded = hf_logits_prefill_and_steps(hf, ids, mask, pos, split, steps)
+    ours, _ = onnx.forward(ids, mask, pos)
+    worst = float(np.abs(ours - full)[valid].max())
+    _, past = onnx.forward(ids[:, :split], mask[:, :split], pos[:, :split])
+    for n, i in enumerate(range(split, split + steps)):
+        step, past = onnx.forward(ids[:, i:i + 1], mask[:, :i + 1], pos[:, i:i + 1], past=past)
+        assert past[0].shape[2] == i + 1
+        worst = max(worst, float(np.abs(step - decoded[n])[valid[:, i:i + 1]].max()))
+    assert worst < tol, f"max |Δlogits| {worst:.2e} over {tol}"
+    return worst
+
+
+def hf_greedy(hf, prompts, new_tokens: int) -> list[list[int]]:
+    """`model.generate` greedy on left-padded prompts, no EOS: every row has `new_tokens` tokens."""
+    from moerun.converter.verify import padded
+
+    ids, mask, _ = padded(prompts, pad_id=0)
+    with torch.no_grad():
+        out = hf.generate(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask),
+                          max_new_tokens=new_tokens, do_sample=False, pad_token_id=0, eos_token_id=None)
+    return out[:, ids.shape[1]:].tolist()

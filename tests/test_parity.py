@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from conftest import SHAPES
+from conftest import SHAPES, assert_matches_pytorch, hf_greedy
 from moerun import MoEModel
 from moerun.converter.verify import padded, sample_prompts
 
@@ -20,34 +20,7 @@ def _hf(path):
 
 @pytest.mark.parametrize("shape", SHAPES)
 def test_prefill_and_decode_logits_match_pytorch(shape, checkpoints, converted):
-    hf = _hf(checkpoints[shape])
-    onnx = MoEModel.load(converted[shape], provider="cpu")
-    prompts = sample_prompts(hf.config.vocab_size, seed=1, lengths=(11, 4, 8))
-    ids, mask, pos = padded(prompts, pad_id=0)
-    valid = mask.astype(bool)
-    t = {k: torch.from_numpy(v) for k, v in dict(input_ids=ids, attention_mask=mask, position_ids=pos).items()}
-    with torch.no_grad():
-        full = hf(**t).logits.numpy()
-        split = 6
-        first = hf(input_ids=t["input_ids"][:, :split], attention_mask=t["attention_mask"][:, :split],
-                   position_ids=t["position_ids"][:, :split], use_cache=True)
-        # Two decode steps of one token each, with the cache growing.
-        steps = []
-        cache = first.cache
-        for i in range(split, split + 2):
-            out = hf(input_ids=t["input_ids"][:, i:i + 1], attention_mask=t["attention_mask"][:, :i + 1],
-                     position_ids=t["position_ids"][:, i:i + 1], cache=cache, use_cache=True)
-            cache = out.cache
-            steps.append(out.logits.numpy())
-
-    ours, _ = onnx.forward(ids, mask, pos)
-    assert np.abs(ours - full)[valid].max() < TOL
-
-    _, past = onnx.forward(ids[:, :split], mask[:, :split], pos[:, :split])
-    for n, i in enumerate(range(split, split + 2)):
-        step, past = onnx.forward(ids[:, i:i + 1], mask[:, :i + 1], pos[:, i:i + 1], past=past)
-        assert past[0].shape[2] == i + 1
-        assert np.abs(step - steps[n])[valid[:, i:i + 1]].max() < TOL
+    assert_matches_pytorch(_hf(checkpoints[shape]), MoEModel.load(converted[shape], provider="cpu"), TOL)
 
 
 @pytest.mark.parametrize("shape", SHAPES)
@@ -55,14 +28,8 @@ def test_greedy_generation_matches_hf_generate(shape, checkpoints, converted):
     hf = _hf(checkpoints[shape])
     onnx = MoEModel.load(converted[shape], provider="cpu")
     prompts = sample_prompts(hf.config.vocab_size, seed=2, lengths=(3, 12, 7))
-    ids, mask, _ = padded(prompts, pad_id=0)
-    with torch.no_grad():
-        # eos_token_id=None: all 20 tokens are compared, none cut short by a random EOS.
-        out = hf.generate(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask),
-                          max_new_tokens=20, do_sample=False, pad_token_id=0, eos_token_id=None)
-    expected = out[:, ids.shape[1]:].tolist()
-    onnx.manifest.eos_token_id = []
-    assert onnx.generate_ids(prompts, max_new_tokens=20) == expected
+    onnx.manifest.eos_token_id = []  # as hf_greedy: all 20 tokens are compared, none cut short by a random EOS
+    assert onnx.generate_ids(prompts, max_new_tokens=20) == hf_greedy(hf, prompts, 20)
 
 
 def test_eos_ends_a_row_and_the_others_continue(checkpoints, converted):

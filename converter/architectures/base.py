@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 import torch
 from torch import nn
@@ -15,7 +15,7 @@ from ...custom_ops import (
 )
 from ...runtime.errors import UnsupportedModelError
 
-__all__ = ["FusedMoE", "MoEAdapter", "interleave_gate_up"]
+__all__ = ["FusedMoE", "MoEAdapter", "SigmoidGatedShared", "TopKSoftmaxAdapter", "interleave_gate_up"]
 
 log = logging.getLogger(__name__)
 
@@ -39,8 +39,10 @@ class FusedMoE(nn.Module):
         fc1_bias: torch.Tensor | None = None,
         fc2_bias: torch.Tensor | None = None,
         router_bias: torch.Tensor | None = None,
+        shared: nn.Module | None = None,
     ) -> None:
         super().__init__()
+        self.shared = shared
         self.router = nn.Linear(router_weight.shape[1], router_weight.shape[0], bias=router_bias is not None)
         self.router.weight = nn.Parameter(router_weight.detach(), requires_grad=False)
         if router_bias is not None:
@@ -49,7 +51,13 @@ class FusedMoE(nn.Module):
         self.fc2 = nn.Parameter(fc2.detach(), requires_grad=False)
         self.fc1_bias = None if fc1_bias is None else nn.Parameter(fc1_bias.detach(), requires_grad=False)
         self.fc2_bias = None if fc2_bias is None else nn.Parameter(fc2_bias.detach(), requires_grad=False)
-        self.attrs = attrs
+        # ONNX Runtime 1.31's CPU MoE kernel returns wrong results with normalize_routing_weights=0 when
+        # it may reuse its input buffer in place (measured: errors of order 1 behind a Reshape). So
+        # unnormalised top-k routing is emitted exactly as renormalised routing times the top-k
+        # probability mass, sum_S p_i * y_i = (sum_S p) * sum_S (p_i / sum_S p) * y_i: never the buggy path.
+        self.scale_by_topk_mass = not attrs.normalize_routing_weights
+        self.attrs = replace(attrs, normalize_routing_weights=1)
+        self.routing = attrs  # what the model means, as it was given
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         x = hidden_states.reshape(-1, hidden_states.shape[-1])
@@ -60,7 +68,23 @@ class FusedMoE(nn.Module):
             a.k, a.activation_type, a.normalize_routing_weights, a.swiglu_fusion, a.swiglu_limit,
             a.activation_alpha, a.activation_beta,
         )
+        if self.scale_by_topk_mass:
+            mass = torch.softmax(logits.float(), dim=-1).topk(a.k, dim=-1).values.sum(dim=-1, keepdim=True)
+            out = out * mass.to(out.dtype)
+        if self.shared is not None:  # shared experts stay ordinary MatMuls beside the MoE node (portable)
+            out = out + self.shared(x)
         return out.reshape(hidden_states.shape)
+
+
+class SigmoidGatedShared(nn.Module):
+    """A shared expert scaled per token by sigmoid(gate(x)) (Qwen2-MoE)."""
+
+    def __init__(self, mlp: nn.Module, gate: nn.Module) -> None:
+        super().__init__()
+        self.mlp, self.gate = mlp, gate
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.gate(x)) * self.mlp(x)
 
 
 class MoEAdapter:
@@ -76,7 +100,7 @@ class MoEAdapter:
         """Raise UnsupportedModelError for configurations the export cannot represent exactly."""
 
     def num_experts(self, config) -> int:
-        return config.num_local_experts
+        return getattr(config, "num_local_experts", None) or config.num_experts
 
     def experts_per_token(self, config) -> int:
         return config.num_experts_per_tok
@@ -103,11 +127,35 @@ class MoEAdapter:
             swapped.append(name)
         if not swapped:
             raise UnsupportedModelError(f"no {self.block_class_name} found in the {self.family} model: nothing to fuse")
-        log.info("fused %d MoE blocks (%s)", len(swapped), asdict(next(iter(self._attrs_of(model)))))
+        routing = next(m.routing for m in model.modules() if isinstance(m, FusedMoE))
+        log.info("fused %d MoE blocks (%s)", len(swapped), asdict(routing))
         return swapped
 
-    @staticmethod
-    def _attrs_of(model: nn.Module) -> Iterator[MoEAttributes]:
-        for module in model.modules():
-            if isinstance(module, FusedMoE):
-                yield module.attrs
+
+class TopKSoftmaxAdapter(MoEAdapter):
+    """Families whose router is softmax over all experts, top-k, renormalised when ``norm_topk_prob``
+    (absent: renormalised, as Mixtral), with SwiGLU experts stored as ``gate_up_proj`` [gate | up]."""
+
+    def normalize(self, config) -> bool:
+        return bool(getattr(config, "norm_topk_prob", True))
+
+    def check_config(self, config) -> None:
+        if config.hidden_act != "silu":
+            raise UnsupportedModelError(
+                f"{self.family} with hidden_act={config.hidden_act!r}: "
+                "ONNX Runtime's MoE op gates SwiGLU with silu only"
+            )
+
+    def shared_expert(self, block: nn.Module) -> nn.Module | None:
+        return None
+
+    def fuse(self, block, config) -> FusedMoE:
+        attrs = MoEAttributes(
+            k=self.experts_per_token(config),
+            activation_type="swiglu",
+            normalize_routing_weights=int(self.normalize(config)),
+            swiglu_fusion=1,
+        )
+        experts = block.experts
+        return FusedMoE(block.gate.weight, interleave_gate_up(experts.gate_up_proj), experts.down_proj, attrs,
+                        shared=self.shared_expert(block))
