@@ -148,7 +148,7 @@ def test_int4_fixture_generates_and_keeps_its_perplexity(fixture_fp32, tiny_moe_
     ids = fp32.tokenizer.encode(text)
     ppl32, arg32 = perplexity(fp32, ids)
     ppl4, arg4 = perplexity(int4, ids)
-    assert ppl32 < 20, "the fixture is a trained language model"
+    assert ppl32 < 100, "the fixture is a trained language model (random weights score about 1024)"
     assert ppl4 / ppl32 - 1 < INT4_DEFAULT_MAX_PPL_CHANGE
     assert np.mean(arg32 == arg4) > 0.9
     completion = int4.generate("def main(", max_new_tokens=16)[0]
