@@ -111,7 +111,7 @@ def convert(
             raise MoerunError(f"cannot quantize this model's experts: {e}") from None
     stage = _Stages(on_stage)
     stage("load model")
-    model = checkpoint.load_model(dtype)
+    model = checkpoint.load_model(dtype, adapter.attn_implementation)
     eos, pad, bos = _special_tokens(model)
     pad_for_verify = pad if pad is not None else (eos[0] if eos else 0)
     ref = None

@@ -31,15 +31,15 @@ class HFCheckpoint:
     def num_bytes(self) -> int:
         return sum(f.stat().st_size for f in self.weight_files)
 
-    def load_model(self, dtype: str = "fp32"):
-        """The PyTorch model, weights memory-mapped from safetensors, eval mode, SDPA attention."""
+    def load_model(self, dtype: str = "fp32", attn_implementation: str = "sdpa"):
+        """The PyTorch model, weights memory-mapped from safetensors, eval mode."""
         import torch
         from transformers import AutoModelForCausalLM
 
         torch_dtype = {"fp32": torch.float32, "fp16": torch.float16}[dtype]
         try:
             model = AutoModelForCausalLM.from_pretrained(
-                self.path, config=self.config, dtype=torch_dtype, attn_implementation="sdpa"
+                self.path, config=self.config, dtype=torch_dtype, attn_implementation=attn_implementation
             )
         except (OSError, ValueError, RuntimeError, KeyError) as e:
             raise CheckpointError(f"{self.path}: cannot load the weights: {_first_line(e)}") from e

@@ -15,7 +15,7 @@ import transformers
 
 from conftest import assert_matches_pytorch, hf_greedy
 from moerun import MoEModel
-from moerun.converter.verify import sample_prompts
+from moerun.converter.verify import padded, sample_prompts
 
 COMMON = dict(vocab_size=160, hidden_size=64, num_attention_heads=4, max_position_embeddings=256,
               bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False)
@@ -31,7 +31,21 @@ FAMILIES = {
         intermediate_size=96, moe_intermediate_size=48, shared_expert_intermediate_size=80, num_hidden_layers=3,
         num_key_value_heads=2, num_experts=6, num_experts_per_tok=3, norm_topk_prob=False, decoder_sparse_step=1,
         mlp_only_layers=[0])),
+    "GraniteMoeForCausalLM": ("GraniteMoeConfig", dict(
+        intermediate_size=48, num_hidden_layers=2, num_key_value_heads=2, num_local_experts=6,
+        num_experts_per_tok=2, embedding_multiplier=2.0, residual_multiplier=0.5, logits_scaling=4.0,
+        attention_multiplier=0.2)),
+    "GraniteMoeSharedForCausalLM": ("GraniteMoeSharedConfig", dict(
+        intermediate_size=48, shared_intermediate_size=40, num_hidden_layers=2, num_key_value_heads=2,
+        num_local_experts=6, num_experts_per_tok=2, embedding_multiplier=2.0, residual_multiplier=0.5,
+        logits_scaling=4.0, attention_multiplier=0.2)),
+    "GptOssForCausalLM": ("GptOssConfig", dict(
+        intermediate_size=48, num_hidden_layers=2, num_key_value_heads=2, head_dim=16, num_local_experts=8,
+        num_experts_per_tok=4, sliding_window=4, layer_types=["sliding_attention", "full_attention"])),
 }
+
+# The module class of each family's sparse block, counted from the PyTorch model (the oracle).
+SPARSE_BLOCKS = ("SparseMoeBlock", "GraniteMoeMoE", "GraniteMoeSharedMoE", "GptOssMLP")
 
 
 def build(architecture: str, seed: int = 0):
@@ -52,7 +66,8 @@ def family(request, tmp_path_factory):
     hf.save_pretrained(root / "ckpt")
     fp32 = convert(root / "ckpt", root / "fp32").output
     int4 = convert(root / "ckpt", root / "int4", quantize=QuantizeOptions(bits=4, block_size=16)).output
-    hf = transformers.AutoModelForCausalLM.from_pretrained(root / "ckpt", attn_implementation="sdpa").eval()
+    attn = "eager" if request.param == "GptOssForCausalLM" else "sdpa"
+    hf = transformers.AutoModelForCausalLM.from_pretrained(root / "ckpt", attn_implementation=attn).eval()
     return request.param, hf, fp32, int4
 
 
@@ -72,7 +87,7 @@ def test_greedy_matches_generate(family):
 
 def test_one_fused_node_per_moe_layer(family):
     _, hf, fp32, int4 = family
-    sparse = sum(type(layer.mlp).__name__.endswith("SparseMoeBlock") for layer in hf.model.layers)
+    sparse = sum(type(m).__name__.endswith(SPARSE_BLOCKS) for m in hf.modules())
     assert 0 < sparse
     for path, op in ((fp32, "MoE"), (int4, "QMoE")):
         ops = [n.op_type for n in onnx.load(path / "model.onnx").graph.node]
@@ -83,11 +98,19 @@ def test_one_fused_node_per_moe_layer(family):
 
 
 def test_int4_runs_and_mostly_agrees_with_fp32(family):
+    """Next-token (greedy) agreement at every position of the same prompts, and free-running greedy runs.
+
+    Tiny random models have nearly flat logits, so one flipped token derails a free-running sequence;
+    the per-position agreement under the same prefix is the stable figure, and the one asserted.
+    """
     name, hf, fp32, int4 = family
-    prompts = sample_prompts(hf.config.vocab_size, seed=3, lengths=(5, 9, 7))
+    prompts = sample_prompts(hf.config.vocab_size, seed=3, lengths=(12, 9, 7))
+    ids, mask, pos = padded(prompts, pad_id=0)
     a, b = MoEModel.load(fp32, provider="cpu"), MoEModel.load(int4, provider="cpu")
+    la, lb = a.forward(ids, mask, pos)[0], b.forward(ids, mask, pos)[0]
+    valid = mask.astype(bool)
+    per_position = float(np.mean(la.argmax(-1)[valid] == lb.argmax(-1)[valid]))
     a.manifest.eos_token_id = b.manifest.eos_token_id = []
-    ref, got = a.generate_ids(prompts, max_new_tokens=16), b.generate_ids(prompts, max_new_tokens=16)
-    agreement = float(np.mean(np.array(ref) == np.array(got)))
-    print(f"\n{name}: int4 greedy agreement with fp32 {agreement:.0%}")
-    assert agreement >= 0.5
+    free = np.mean(np.array(a.generate_ids(prompts, 16)) == np.array(b.generate_ids(prompts, 16)))
+    print(f"\n{name}: int4 next-token agreement with fp32 {per_position:.0%}, free-running greedy {free:.0%}")
+    assert per_position >= 0.75

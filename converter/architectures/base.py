@@ -40,9 +40,11 @@ class FusedMoE(nn.Module):
         fc2_bias: torch.Tensor | None = None,
         router_bias: torch.Tensor | None = None,
         shared: nn.Module | None = None,
+        returns_tuple: bool = False,
     ) -> None:
         super().__init__()
         self.shared = shared
+        self.returns_tuple = returns_tuple  # blocks whose forward returns (hidden, router_scores)
         self.router = nn.Linear(router_weight.shape[1], router_weight.shape[0], bias=router_bias is not None)
         self.router.weight = nn.Parameter(router_weight.detach(), requires_grad=False)
         if router_bias is not None:
@@ -73,7 +75,8 @@ class FusedMoE(nn.Module):
             out = out * mass.to(out.dtype)
         if self.shared is not None:  # shared experts stay ordinary MatMuls beside the MoE node (portable)
             out = out + self.shared(x)
-        return out.reshape(hidden_states.shape)
+        out = out.reshape(hidden_states.shape)
+        return (out, None) if self.returns_tuple else out
 
 
 class SigmoidGatedShared(nn.Module):
@@ -95,6 +98,8 @@ class MoEAdapter:
 
     family: str = ""
     block_class_name: str = ""
+    # Attention implementation to trace: SDPA where the family supports it (GPT-OSS's sinks need eager).
+    attn_implementation: str = "sdpa"
 
     def check_config(self, config) -> None:
         """Raise UnsupportedModelError for configurations the export cannot represent exactly."""
@@ -134,7 +139,10 @@ class MoEAdapter:
 
 class TopKSoftmaxAdapter(MoEAdapter):
     """Families whose router is softmax over all experts, top-k, renormalised when ``norm_topk_prob``
-    (absent: renormalised, as Mixtral), with SwiGLU experts stored as ``gate_up_proj`` [gate | up]."""
+    (absent: renormalised, as Mixtral), with SwiGLU experts stored as ``gate_up_proj`` [gate | up].
+    Softmax over the top-k logits only (Granite, GPT-OSS) is the same as renormalised top-k softmax."""
+
+    router_attr = "gate"
 
     def normalize(self, config) -> bool:
         return bool(getattr(config, "norm_topk_prob", True))
@@ -157,5 +165,6 @@ class TopKSoftmaxAdapter(MoEAdapter):
             swiglu_fusion=1,
         )
         experts = block.experts
-        return FusedMoE(block.gate.weight, interleave_gate_up(experts.gate_up_proj), experts.down_proj, attrs,
+        router = getattr(block, self.router_attr)
+        return FusedMoE(router.weight, interleave_gate_up(experts.gate_up_proj), experts.down_proj, attrs,
                         shared=self.shared_expert(block))
