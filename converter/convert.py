@@ -15,7 +15,7 @@ from ..runtime.errors import MoerunError
 from ..runtime.manifest import decoder_io_names
 from . import verify as verify_mod
 from .architectures import adapter_for
-from .export import export_decoder, kv_shape
+from .export import export_decoder
 from .output import check_output, copy_side_files, save_model, staged_directory
 from .passes import CheckFusedMoE, PinIrVersion
 from .quantize import QuantizeOptions, apply_quantization
@@ -121,13 +121,13 @@ def convert(
     stage("fuse MoE blocks")
     swapped = adapter.swap_moe_blocks(model)
     stage("export ONNX")
-    onnx_model = export_decoder(model)
+    kv = adapter.kv_shape(config)
+    onnx_model = export_decoder(model, kv)
     stage("graph passes")
     passes = [PinIrVersion(), CheckFusedMoE(len(swapped))]
     ir.passes.Sequential(*passes)(onnx_model)
     del model
 
-    kv_heads, head_dim = kv_shape(config)
     inputs, outputs = decoder_io_names(config.num_hidden_layers)
     from .. import __version__
 
@@ -135,8 +135,9 @@ def convert(
         architecture=adapter.architectures[0],
         model_type=config.model_type,
         num_layers=config.num_hidden_layers,
-        num_kv_heads=kv_heads,
-        head_dim=head_dim,
+        num_kv_heads=kv.heads,
+        head_dim=kv.key_dim,
+        value_head_dim=kv.value_dim,
         vocab_size=config.vocab_size,
         hidden_size=config.hidden_size,
         num_experts=adapter.num_experts(config),

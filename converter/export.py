@@ -8,6 +8,7 @@ forward takes the KV cache as flat tensors and returns logits plus the flat pres
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import onnx_ir as ir
 import torch
@@ -18,7 +19,7 @@ from ..custom_ops.torch_op import ONNX_TRANSLATION
 from ..runtime.errors import ExportError
 from ..runtime.manifest import decoder_io_names
 
-__all__ = ["DecoderWithCache", "export_decoder", "kv_shape"]
+__all__ = ["DecoderWithCache", "KVShape", "export_decoder", "kv_shape"]
 
 log = logging.getLogger(__name__)
 
@@ -26,12 +27,21 @@ log = logging.getLogger(__name__)
 _BATCH, _SEQ, _PAST = 2, 3, 5
 
 
-def kv_shape(config) -> tuple[int, int]:
-    """(num_kv_heads, head_dim) of a decoder config."""
+@dataclass(frozen=True)
+class KVShape:
+    """Per-layer KV-cache geometry: (batch, heads, length, key_dim) keys and (..., value_dim) values."""
+
+    heads: int
+    key_dim: int
+    value_dim: int
+
+
+def kv_shape(config) -> KVShape:
+    """The KV cache of a standard decoder config (families with other caches override the adapter's)."""
     heads = config.num_attention_heads
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    return kv_heads, head_dim
+    return KVShape(kv_heads, head_dim, head_dim)
 
 
 class DecoderWithCache(nn.Module):
@@ -59,15 +69,14 @@ class DecoderWithCache(nn.Module):
         return (out.logits, *presents)
 
 
-def _sample_inputs(config, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
-    kv_heads, head_dim = kv_shape(config)
+def _sample_inputs(config, kv: KVShape, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
     g = torch.Generator().manual_seed(0)
     input_ids = torch.randint(0, config.vocab_size, (_BATCH, _SEQ), generator=g)
     attention_mask = torch.ones(_BATCH, _PAST + _SEQ, dtype=torch.int64)
     position_ids = torch.arange(_PAST, _PAST + _SEQ).expand(_BATCH, _SEQ).contiguous()
     past = tuple(
-        torch.randn(_BATCH, kv_heads, _PAST, head_dim, generator=g).to(dtype)
-        for _ in range(2 * config.num_hidden_layers)
+        torch.randn(_BATCH, kv.heads, _PAST, dim, generator=g).to(dtype)
+        for _ in range(config.num_hidden_layers) for dim in (kv.key_dim, kv.value_dim)
     )
     return (input_ids, attention_mask, position_ids, *past)
 
@@ -91,7 +100,7 @@ def _name_dynamic_dims(model: ir.Model, num_layers: int) -> None:
         ])
 
 
-def export_decoder(model: nn.Module) -> ir.Model:
+def export_decoder(model: nn.Module, kv: KVShape) -> ir.Model:
     """Export a decoder whose MoE blocks are already fused; returns the ONNX model in memory."""
     config = model.config
     layers = config.num_hidden_layers
@@ -110,7 +119,7 @@ def export_decoder(model: nn.Module) -> ir.Model:
         with torch.no_grad():
             program = torch.onnx.export(
                 wrapper,
-                _sample_inputs(config, dtype),
+                _sample_inputs(config, kv, dtype),
                 dynamo=True,
                 input_names=input_names,
                 output_names=output_names,

@@ -106,9 +106,8 @@ class DecoderRunner:
         self.kv_dtype = np.float16 if manifest.dtype == "fp16" else np.float32
 
     def empty_past(self, batch: int) -> list[ort.OrtValue]:
-        m = self.manifest
-        zeros = np.zeros((batch, m.num_kv_heads, 0, m.head_dim), dtype=self.kv_dtype)
-        return [ort.OrtValue.ortvalue_from_numpy(zeros, self.device, 0) for _ in self.past_names]
+        return [ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, dtype=self.kv_dtype), self.device, 0)
+                for shape in self.manifest.past_shapes(batch)]
 
     def step(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray,
              past: list[ort.OrtValue]) -> tuple[np.ndarray, list[ort.OrtValue]]:

@@ -34,6 +34,7 @@ class Manifest:
     experts_per_token: int
     moe_layers: int
     dtype: str = "fp32"
+    value_head_dim: int | None = None  # when values differ from keys (MLA); None: head_dim
     model_file: str = "model.onnx"
     inputs: list[str] = field(default_factory=list)
     outputs: list[str] = field(default_factory=list)
@@ -46,6 +47,12 @@ class Manifest:
     source: str = ""
     moerun_version: str = ""
     format_version: int = FORMAT_VERSION
+
+    def past_shapes(self, batch: int, length: int = 0) -> list[tuple[int, int, int, int]]:
+        """Shapes of the past_key_values inputs, in input order (key, value per layer)."""
+        value_dim = self.value_head_dim or self.head_dim
+        return [(batch, self.num_kv_heads, length, dim) for _ in range(self.num_layers)
+                for dim in (self.head_dim, value_dim)]
 
     def save(self, directory: Path) -> None:
         (Path(directory) / MANIFEST_FILE).write_text(json.dumps(asdict(self), indent=2) + "\n")

@@ -72,11 +72,10 @@ class MoEModel:
             position_ids = np.broadcast_to(np.arange(past_len, past_len + seq), (batch, seq))
         feeds = {"input_ids": input_ids, "attention_mask": np.asarray(attention_mask, dtype=np.int64),
                  "position_ids": np.asarray(position_ids, dtype=np.int64)}
-        m = self.manifest
         dtype = self.runner.kv_dtype
-        empty = np.zeros((batch, m.num_kv_heads, 0, m.head_dim), dtype=dtype)
+        shapes = self.manifest.past_shapes(batch)
         for i, name in enumerate(self.runner.past_names):
-            feeds[name] = empty if past is None else np.asarray(past[i], dtype=dtype)
+            feeds[name] = np.zeros(shapes[i], dtype=dtype) if past is None else np.asarray(past[i], dtype=dtype)
         logits, *presents = self.runner.session.run(None, feeds)
         return logits, presents
 

@@ -32,7 +32,7 @@ class FusedMoE(nn.Module):
 
     def __init__(
         self,
-        router_weight: torch.Tensor,
+        router_weight: torch.Tensor | None,
         fc1: torch.Tensor,
         fc2: torch.Tensor,
         attrs: MoEAttributes,
@@ -41,14 +41,22 @@ class FusedMoE(nn.Module):
         router_bias: torch.Tensor | None = None,
         shared: nn.Module | None = None,
         returns_tuple: bool = False,
+        route: nn.Module | None = None,
     ) -> None:
         super().__init__()
         self.shared = shared
         self.returns_tuple = returns_tuple  # blocks whose forward returns (hidden, router_scores)
-        self.router = nn.Linear(router_weight.shape[1], router_weight.shape[0], bias=router_bias is not None)
-        self.router.weight = nn.Parameter(router_weight.detach(), requires_grad=False)
-        if router_bias is not None:
-            self.router.bias = nn.Parameter(router_bias.detach(), requires_grad=False)
+        # Either a linear router whose logits feed the op's softmax routing, or ``route``: the family's
+        # own router module returning (logits, weights, indices) for routings the op cannot compute
+        # (sparse mixer, sigmoid/group-limited scores, routed scaling). Those are fed to the op exactly
+        # as log(weights) on the chosen experts and a huge negative elsewhere with renormalisation on,
+        # then scaled by sum(weights): the op then mixes with weights / sum(weights) (DESIGN.md).
+        self.route = route
+        if route is None:
+            self.router = nn.Linear(router_weight.shape[1], router_weight.shape[0], bias=router_bias is not None)
+            self.router.weight = nn.Parameter(router_weight.detach(), requires_grad=False)
+            if router_bias is not None:
+                self.router.bias = nn.Parameter(router_bias.detach(), requires_grad=False)
         self.fc1 = nn.Parameter(fc1.detach(), requires_grad=False)
         self.fc2 = nn.Parameter(fc2.detach(), requires_grad=False)
         self.fc1_bias = None if fc1_bias is None else nn.Parameter(fc1_bias.detach(), requires_grad=False)
@@ -57,22 +65,33 @@ class FusedMoE(nn.Module):
         # it may reuse its input buffer in place (measured: errors of order 1 behind a Reshape). So
         # unnormalised top-k routing is emitted exactly as renormalised routing times the top-k
         # probability mass, sum_S p_i * y_i = (sum_S p) * sum_S (p_i / sum_S p) * y_i: never the buggy path.
-        self.scale_by_topk_mass = not attrs.normalize_routing_weights
+        self.scale_by_topk_mass = route is None and not attrs.normalize_routing_weights
         self.attrs = replace(attrs, normalize_routing_weights=1)
         self.routing = attrs  # what the model means, as it was given
 
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        x = hidden_states.reshape(-1, hidden_states.shape[-1])
+    def _router_input(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The op's router input and the factor its output is scaled by (None: no scaling)."""
+        if self.route is not None:
+            logits, weights, indices = self.route(x)
+            floor = torch.finfo(x.dtype).min / 2
+            chosen = torch.full_like(logits, floor, dtype=x.dtype).scatter(-1, indices, weights.log().to(x.dtype))
+            return chosen, weights.sum(dim=-1, keepdim=True)
         logits = self.router(x)
+        if self.scale_by_topk_mass:
+            return logits, torch.softmax(logits.float(), dim=-1).topk(self.attrs.k, dim=-1).values.sum(-1, True)
+        return logits, None
+
+    def forward(self, hidden_states: torch.Tensor):
+        x = hidden_states.reshape(-1, hidden_states.shape[-1])
+        logits, scale = self._router_input(x)
         a = self.attrs
         out = torch.ops.moerun.moe(
             x, logits, self.fc1, self.fc1_bias, self.fc2, self.fc2_bias, None, None,
             a.k, a.activation_type, a.normalize_routing_weights, a.swiglu_fusion, a.swiglu_limit,
             a.activation_alpha, a.activation_beta,
         )
-        if self.scale_by_topk_mass:
-            mass = torch.softmax(logits.float(), dim=-1).topk(a.k, dim=-1).values.sum(dim=-1, keepdim=True)
-            out = out * mass.to(out.dtype)
+        if scale is not None:
+            out = out * scale.to(out.dtype)
         if self.shared is not None:  # shared experts stay ordinary MatMuls beside the MoE node (portable)
             out = out + self.shared(x)
         out = out.reshape(hidden_states.shape)
@@ -109,6 +128,12 @@ class MoEAdapter:
 
     def experts_per_token(self, config) -> int:
         return config.num_experts_per_tok
+
+    def kv_shape(self, config):
+        """The KV-cache geometry this family's attention writes (converter.export.KVShape)."""
+        from ..export import kv_shape
+
+        return kv_shape(config)
 
     def expert_dims(self, config) -> tuple[int, int]:
         """(hidden, intermediate) of one expert: fc1 is (2*I or I, H), fc2 is (H, I)."""
