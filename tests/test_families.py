@@ -57,7 +57,12 @@ NOT_EXPORTABLE = {
         intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=3, num_key_value_heads=4,
         n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2, n_group=4, topk_group=2,
         topk_method="group_limited_greedy", first_k_dense_replace=1, routed_scaling_factor=2.0, q_lora_rank=None,
-        kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16)),
+        kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16), "complex tensors"),
+    "Qwen3NextForCausalLM": ("Qwen3NextConfig", dict(
+        intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=2, num_key_value_heads=2, head_dim=16,
+        num_experts=4, num_experts_per_tok=2, linear_num_value_heads=4, linear_num_key_heads=2,
+        linear_key_head_dim=16, linear_value_head_dim=16, layer_types=["linear_attention", "full_attention"],
+        shared_expert_intermediate_size=32), "recurrent state"),
 }
 
 # The module class of each family's sparse block, counted from the PyTorch model (the oracle).
@@ -141,11 +146,11 @@ def test_families_that_cannot_export_say_why(architecture, tmp_path):
     from moerun.converter.convert import convert
     from moerun.runtime.errors import UnsupportedModelError
 
-    config_class, params = NOT_EXPORTABLE[architecture]
+    config_class, params, reason = NOT_EXPORTABLE[architecture]
     config = getattr(transformers, config_class)(**COMMON, **params)
     config.architectures = [architecture]
     torch.manual_seed(0)
     getattr(transformers, architecture)(config).save_pretrained(tmp_path / "ckpt")
-    with pytest.raises(UnsupportedModelError, match="complex"):
+    with pytest.raises(UnsupportedModelError, match=reason):
         convert(tmp_path / "ckpt", tmp_path / "out")
     assert not (tmp_path / "out").exists()

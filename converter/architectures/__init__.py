@@ -53,4 +53,4 @@ def adapter_for(config):
     )
 
 
-from . import deepseek, gpt_oss, granitemoe, mixtral, olmoe, phimoe, qwen2_moe, qwen3_moe  # noqa: E402,F401
+from . import deepseek, gpt_oss, granitemoe, mixtral, olmoe, phimoe, qwen2_moe, qwen3_moe, qwen3_next  # noqa: E402,F401,I001
