@@ -228,3 +228,56 @@ def summary_table(rows: list[tuple[str, str]], title: str) -> Table:
     for k, v in rows:
         table.add_row(k, v)
     return table
+
+
+def _ints(value: str) -> list[int]:
+    try:
+        return [int(x) for x in value.split(",") if x]
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated integers, got {value!r}") from None
+
+
+@main.command()
+@click.argument("checkpoint", type=click.Path(path_type=Path, exists=True, file_okay=False))
+@click.option("--batch", default="1,4", show_default=True, help="Batch sizes, comma-separated.")
+@click.option("--prompt-len", default="128", show_default=True, help="Prompt lengths, comma-separated.")
+@click.option("--new-tokens", type=click.IntRange(min=2), default=64, show_default=True)
+@click.option("--variants", default="hf,fp32,int8,int4", show_default=True,
+              help="Any of hf (PyTorch eager), fp32, int8 (per row), int4 (block 64).")
+@click.option("--repeats", type=click.IntRange(min=1), default=5, show_default=True,
+              help="Interleaved rounds; medians with min..max are reported.")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="Threads for every variant.")
+@click.option("--json", "json_out", type=click.Path(path_type=Path), default=None, help="Records as JSON.")
+@click.option("--markdown", "md_out", type=click.Path(path_type=Path), default=None, help="The table as Markdown.")
+@click.option("--workdir", type=click.Path(path_type=Path), default=None, help="Keep the exported variants here.")
+@click.option("--quick", is_flag=True, help="A smoke run: batch 1, prompt 16, 8 new tokens, 1 round.")
+def bench(checkpoint: Path, batch: str, prompt_len: str, new_tokens: int, variants: str, repeats: int,
+          threads: int | None, json_out: Path | None, md_out: Path | None, workdir: Path | None, quick: bool) -> None:
+    """Benchmark a Hugging Face MoE CHECKPOINT: PyTorch eager against moerun's exports, side by side."""
+    from .bench import VARIANTS, markdown, run_bench, write_json
+
+    chosen = [v for v in variants.split(",") if v]
+    unknown = set(chosen) - set(VARIANTS)
+    if unknown:
+        raise MoerunError(f"unknown variants {', '.join(sorted(unknown))}; choose from {', '.join(VARIANTS)}")
+    batches, lengths = _ints(batch), _ints(prompt_len)
+    if quick:
+        batches, lengths, new_tokens, repeats = [1], [16], 8, 1
+    _quiet_converter_libraries_lazy()
+    with err.status("preparing") as status:
+        def on_stage(name: str) -> None:
+            status.update(f"[bold]{name}[/bold]")
+
+        records = run_bench(checkpoint, batches, lengths, new_tokens, chosen, repeats, threads, workdir, on_stage)
+    table = markdown(records)
+    click.echo(table)
+    if json_out:
+        write_json(records, json_out)
+    if md_out:
+        md_out.write_text(table)
+
+
+def _quiet_converter_libraries_lazy() -> None:
+    from .converter import convert  # noqa: F401  (imports torch, whose import resets logger levels)
+
+    _quiet_converter_libraries()

@@ -7,7 +7,6 @@ peak RSS is its own process's; the quantization report does that for every varia
 from __future__ import annotations
 
 import json
-import resource
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -15,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .memory import peak_rss_mb
 from .model import MoEModel
 
 __all__ = ["EvalResult", "evaluate", "perplexity"]
@@ -66,7 +66,7 @@ def evaluate(model_dir: str | Path, text: str, new_tokens: int = 64) -> tuple[Ev
     model.manifest.eos_token_id = []  # measure exactly new_tokens steps
     model.generate_ids([prompt], max_new_tokens=new_tokens)
     speed = model.last_stats.decode_tokens_per_s
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    rss = peak_rss_mb()
     return EvalResult(ppl, int(argmax.size), speed, rss, load_s), argmax
 
 

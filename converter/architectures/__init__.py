@@ -24,7 +24,8 @@ def register(*architectures: str):
 
 
 def supported_architectures() -> list[str]:
-    return sorted(_REGISTRY)
+    """Architectures that export today (adapters that only explain a refusal are left out)."""
+    return sorted(name for name, cls in _REGISTRY.items() if cls.exportable)
 
 
 _EXPERT_COUNT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")

@@ -117,6 +117,7 @@ class MoEAdapter:
 
     family: str = ""
     block_class_name: str = ""
+    exportable = True  # False: the adapter exists to refuse with the precise reason
     # Attention implementation to trace: SDPA where the family supports it (GPT-OSS's sinks need eager).
     attn_implementation: str = "sdpa"
 

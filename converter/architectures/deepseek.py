@@ -39,6 +39,7 @@ class DeepseekV3(TopKSoftmaxAdapter):
 class DeepseekV2(DeepseekV3):
     family = "DeepSeek-V2"
     block_class_name = "DeepseekV2Moe"
+    exportable = False
 
     def check_config(self, config) -> None:
         # Measured with torch 2.13: the MoE maps exactly (same router path as V3), but transformers'

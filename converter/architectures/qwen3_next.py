@@ -11,6 +11,7 @@ from .qwen2_moe import Qwen2Moe
 class Qwen3Next(Qwen2Moe):
     family = "Qwen3-Next"
     block_class_name = "Qwen3NextSparseMoeBlock"
+    exportable = False
 
     def check_config(self, config) -> None:
         # Its MoE block is Qwen2-MoE's (shared expert, sigmoid gate) and would map exactly; what does not

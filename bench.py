@@ -1,0 +1,206 @@
+"""`moerun bench`: Hugging Face eager and moerun's fp32/int8/int4 exports of one checkpoint, side by side.
+
+Each measurement runs in its own process (so peak RSS is that variant's own), variants are
+interleaved and repeated, and medians are reported with min..max: these machines are noisy.
+Written by hand: no library measures an MoE export against its PyTorch original this way.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["VARIANTS", "Record", "run_bench"]
+
+VARIANTS = ("hf", "fp32", "int8", "int4")
+FIELDS = ("prefill_tok_s", "decode_tok_s", "ttft_ms", "peak_rss_mb")
+
+
+@dataclass
+class Record:
+    variant: str
+    batch: int
+    prompt_len: int
+    new_tokens: int
+    prefill_tok_s: float
+    decode_tok_s: float
+    ttft_ms: float
+    peak_rss_mb: float
+    file_mb: float
+    bytes_per_token: float  # weight bytes one decode step must read (batch 1)
+    bandwidth_bound_tok_s: float
+    bound_pct: float | None  # batch 1 only: % of the bandwidth bound reached
+    runs: int
+    spread: dict
+
+
+def _prompts(vocab: int, batch: int, length: int) -> list[list[int]]:
+    rng = np.random.default_rng(0)
+    return rng.integers(3, vocab, (batch, length)).tolist()
+
+
+def _worker_onnx(model_dir: str, batch: int, length: int, new_tokens: int, threads: int | None) -> dict:
+    from .runtime import MoEModel
+
+    model = MoEModel.load(model_dir, provider="cpu", threads=threads)
+    model.manifest.eos_token_id = []  # exactly new_tokens steps
+    prompts = _prompts(model.manifest.vocab_size, batch, length)
+    model.generate_ids(prompts, 2)  # warm-up
+    model.generate_ids(prompts, new_tokens)
+    s = model.last_stats
+    return {"prefill_tok_s": s.prefill_tokens_per_s, "decode_tok_s": s.decode_tokens_per_s,
+            "ttft_ms": s.prefill_s * 1000}
+
+
+def _worker_hf(checkpoint: str, batch: int, length: int, new_tokens: int, threads: int | None) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    if threads:
+        torch.set_num_threads(threads)
+    model = AutoModelForCausalLM.from_pretrained(checkpoint).eval()
+    ids = torch.tensor(_prompts(model.config.vocab_size, batch, length))
+
+    def run(steps: int) -> tuple[float, float]:
+        with torch.no_grad():
+            start = time.perf_counter()
+            out = model(input_ids=ids, use_cache=True)
+            token = out.logits[:, -1].argmax(-1, keepdim=True)
+            prefill = time.perf_counter() - start
+            cache, start = out.cache, time.perf_counter()
+            for _ in range(steps - 1):
+                out = model(input_ids=token, cache=cache, use_cache=True)
+                cache, token = out.cache, out.logits[:, -1].argmax(-1, keepdim=True)
+            return prefill, time.perf_counter() - start
+
+    run(2)  # warm-up
+    prefill, decode = run(new_tokens)
+    return {"prefill_tok_s": batch * length / prefill, "decode_tok_s": batch * (new_tokens - 1) / decode,
+            "ttft_ms": prefill * 1000}
+
+
+def worker(argv: list[str]) -> None:
+    """python -m moerun.bench KIND PATH BATCH PROMPT_LEN NEW_TOKENS THREADS: one measurement, JSON on stdout."""
+    kind, path, batch, length, new_tokens, threads = argv
+    fn = _worker_hf if kind == "hf" else _worker_onnx
+    result = fn(path, int(batch), int(length), int(new_tokens), int(threads) or None)
+    from .runtime.memory import peak_rss_mb
+
+    result["peak_rss_mb"] = peak_rss_mb()
+    print(json.dumps(result))
+
+
+def measured_bandwidth_gb_s(size_mb: int = 256, repeats: int = 5) -> float:
+    """Memory bandwidth by timing large copies (read + write), best of a few."""
+    a = np.ones(size_mb * 2**20 // 8)
+    b = np.empty_like(a)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        np.copyto(b, a)
+        best = min(best, time.perf_counter() - start)
+    return 2 * a.nbytes / best / 1e9
+
+
+def decode_bytes_per_token(model_dir: Path) -> float:
+    """Weight bytes one batch-1 decode step reads: everything but the experts, plus k/E of them."""
+    import onnx
+
+    from .runtime import Manifest
+
+    manifest = Manifest.load(model_dir)
+    model = onnx.load(model_dir / manifest.model_file, load_external_data=False)
+    moe_inputs = {i for n in model.graph.node if n.op_type in ("MoE", "QMoE") for i in list(n.input)[2:]}
+    total = expert = 0.0
+    for init in model.graph.initializer:
+        size = len(init.raw_data) or onnx.numpy_helper.to_array(init).nbytes
+        total += size
+        expert += size if init.name in moe_inputs else 0
+    return total - expert + expert * manifest.experts_per_token / manifest.num_experts
+
+
+def _measure(kind: str, path: Path, batch: int, length: int, new_tokens: int, threads: int | None) -> dict:
+    cmd = [sys.executable, "-m", "moerun.bench", kind, str(path), str(batch), str(length), str(new_tokens),
+           str(threads or 0)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        from .runtime.errors import MoerunError
+
+        raise MoerunError(f"bench {kind} failed: {(proc.stderr.strip().splitlines() or ['?'])[-1]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def run_bench(checkpoint: Path, batches: list[int], prompt_lens: list[int], new_tokens: int, variants: list[str],
+              repeats: int, threads: int | None, workdir: Path | None, on_stage=None) -> list[Record]:
+    from .converter.convert import convert
+    from .converter.quantize import QuantizeOptions, quantize_model
+
+    stage = on_stage or (lambda _: None)
+    with tempfile.TemporaryDirectory(prefix="moerun-bench-") as tmp:
+        root = Path(workdir or tmp)
+        dirs: dict[str, Path] = {"hf": checkpoint}
+        if any(v != "hf" for v in variants):
+            stage("convert fp32")
+            dirs["fp32"] = convert(checkpoint, root / "fp32", overwrite=True).output
+        for bits in (8, 4):
+            if f"int{bits}" in variants:
+                stage(f"quantize int{bits}")
+                opts = QuantizeOptions(bits=bits, block_size=0 if bits == 8 else 64)
+                dirs[f"int{bits}"] = quantize_model(dirs["fp32"], root / f"int{bits}", opts, overwrite=True).output
+        stage("measure memory bandwidth")
+        bandwidth = measured_bandwidth_gb_s()
+        samples: dict[tuple, list[dict]] = {}
+        for r in range(repeats):
+            for batch in batches:
+                for length in prompt_lens:
+                    for v in variants:  # interleaved: every variant once per round
+                        stage(f"round {r + 1}/{repeats}: {v}, batch {batch}, prompt {length}")
+                        samples.setdefault((v, batch, length), []).append(
+                            _measure(v, dirs[v], batch, length, new_tokens, threads))
+        records = []
+        for (v, batch, length), runs in samples.items():
+            onnx_dir = dirs["fp32"] if v == "hf" else dirs[v]
+            file_mb = (sum(f.stat().st_size for f in dirs[v].glob("*.safetensors")) if v == "hf"
+                       else sum(f.stat().st_size for f in dirs[v].glob("model.onnx*"))) / 2**20
+            per_token = decode_bytes_per_token(onnx_dir)  # HF eager reads the same weights as fp32
+            bound = bandwidth * 1e9 / per_token
+            med = {f: statistics.median(x[f] for x in runs) for f in FIELDS}
+            spread = {f: [min(x[f] for x in runs), max(x[f] for x in runs)] for f in FIELDS}
+            records.append(Record(v, batch, length, new_tokens, med["prefill_tok_s"], med["decode_tok_s"],
+                                  med["ttft_ms"], med["peak_rss_mb"], file_mb, per_token, bound,
+                                  100 * med["decode_tok_s"] / bound if batch == 1 else None,
+                                  len(runs), spread))
+        return records
+
+
+def write_json(records: list[Record], path: Path) -> None:
+    path.write_text(json.dumps([asdict(r) for r in records], indent=2) + "\n")
+
+
+def markdown(records: list[Record]) -> str:
+    """The side-by-side table, with decode and prefill speed-ups over Hugging Face eager."""
+    base = {(r.batch, r.prompt_len): r for r in records if r.variant == "hf"}
+    lines = ["| variant | batch | prompt | decode tok/s | vs HF | prefill tok/s | vs HF | TTFT ms | peak RSS MB | "
+             "file MB | % of bandwidth bound |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in records:
+        hf = base.get((r.batch, r.prompt_len))
+        dec = f"{r.decode_tok_s / hf.decode_tok_s:.2f}x" if hf else ""
+        pre = f"{r.prefill_tok_s / hf.prefill_tok_s:.2f}x" if hf else ""
+        pct = f"{r.bound_pct:.0f}%" if r.bound_pct is not None else ""
+        lo, hi = r.spread["decode_tok_s"]
+        lines.append(f"| {r.variant} | {r.batch} | {r.prompt_len} | {r.decode_tok_s:.1f} ({lo:.1f}..{hi:.1f}) | {dec} "
+                     f"| {r.prefill_tok_s:.0f} | {pre} | {r.ttft_ms:.1f} | {r.peak_rss_mb:.0f} | {r.file_mb:.1f} "
+                     f"| {pct} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    worker(sys.argv[1:])

@@ -1,0 +1,32 @@
+"""`moerun bench --quick` runs end to end and writes one complete JSON record per variant (no timing asserts)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import fields
+
+from conftest import run_cli, save_checkpoint, tiny_mixtral
+
+from moerun.bench import Record
+
+
+def test_bench_quick_writes_every_field(tmp_path):
+    ckpt = save_checkpoint(tiny_mixtral(hidden_size=64, intermediate_size=64, num_attention_heads=4,
+                                        num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
+                                        num_hidden_layers=2), tmp_path / "ckpt")
+    out = tmp_path / "bench.json"
+    result = run_cli("bench", str(ckpt), "--quick", "--json", str(out), "--markdown", str(tmp_path / "bench.md"))
+    assert result.returncode == 0, result.stderr
+    records = json.loads(out.read_text())
+    assert [r["variant"] for r in records] == ["hf", "fp32", "int8", "int4"]
+    names = {f.name for f in fields(Record)}
+    for r in records:
+        assert set(r) == names
+        assert r["batch"] == 1 and r["prompt_len"] == 16 and r["new_tokens"] == 8 and r["runs"] == 1
+        for key in ("prefill_tok_s", "decode_tok_s", "ttft_ms", "peak_rss_mb", "file_mb", "bytes_per_token",
+                    "bandwidth_bound_tok_s", "bound_pct"):
+            assert r[key] > 0, key
+    by = {r["variant"]: r for r in records}
+    assert by["int4"]["file_mb"] < by["int8"]["file_mb"] < by["fp32"]["file_mb"]
+    assert by["int4"]["bytes_per_token"] < by["fp32"]["bytes_per_token"]
+    assert "| int4 | 1 | 16 |" in (tmp_path / "bench.md").read_text()
