@@ -6,7 +6,6 @@ import json
 from dataclasses import fields
 
 from conftest import run_cli, save_checkpoint, tiny_mixtral
-
 from moerun.bench import Record
 
 
