@@ -14,6 +14,7 @@ from ...custom_ops import (
     torch_op,  # noqa: F401  (registers torch.ops.moerun.moe)
 )
 from ...runtime.errors import UnsupportedModelError
+from ..export import KVShape, kv_shape
 
 __all__ = ["FusedMoE", "MoEAdapter", "SigmoidGatedShared", "TopKSoftmaxAdapter", "interleave_gate_up"]
 
@@ -130,10 +131,8 @@ class MoEAdapter:
     def experts_per_token(self, config) -> int:
         return config.num_experts_per_tok
 
-    def kv_shape(self, config):
-        """The KV-cache geometry this family's attention writes (converter.export.KVShape)."""
-        from ..export import kv_shape
-
+    def kv_shape(self, config) -> KVShape:
+        """The KV-cache geometry this family's attention writes."""
         return kv_shape(config)
 
     def expert_dims(self, config) -> tuple[int, int]:

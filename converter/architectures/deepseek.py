@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from ...custom_ops import MoEAttributes
 from ...runtime.errors import UnsupportedModelError
+from ..export import KVShape
 from . import register
 from .base import FusedMoE, TopKSoftmaxAdapter, interleave_gate_up
 
@@ -20,9 +21,7 @@ class DeepseekV3(TopKSoftmaxAdapter):
     family = "DeepSeek-V3"
     block_class_name = "DeepseekV3MoE"
 
-    def kv_shape(self, config):
-        from ..export import KVShape
-
+    def kv_shape(self, config) -> KVShape:
         # MLA as transformers 5 implements it caches the compressed latents, one "head": the normalised
         # KV latent (kv_lora_rank) as "key" and the rotary key part (qk_rope_head_dim) as "value".
         return KVShape(1, config.kv_lora_rank, config.qk_rope_head_dim)
