@@ -117,14 +117,17 @@ def _print_layers(layers: list[dict]) -> None:
 @click.option("--tolerance", type=float, default=None, help="Max abs logit difference for --verify.")
 @click.option("--quantize", "quantize", type=click.Choice(["int4", "int8"]), default=None,
               help="Quantize the expert weights in the same run (QMoE).")
+@click.option("--no-fusions", is_flag=True, help="Skip the ORT fusions (attention, RMSNorm, rotary).")
 @_quant_options
 def convert(source: Path, output: Path, dtype: str, overwrite: bool, verify: bool, tolerance: float | None,
-            quantize: str | None, **quant) -> None:
+            quantize: str | None, no_fusions: bool, **quant) -> None:
     """Convert a Hugging Face MoE checkpoint directory SOURCE to ONNX."""
     options = _quant(int(quantize[3:]), **quant) if quantize else None
     result = run_convert(source, output, dtype=dtype, overwrite=overwrite, verify=verify, tolerance=tolerance,
-                         quantize=options)
+                         quantize=options, fusions=not no_fusions)
     m = result.manifest
+    if m.fusions:
+        err.print("ORT fusions: " + ", ".join(f"{k} {v}" for k, v in m.fusions.items()))
     err.print(f"{m.architecture}: {m.moe_layers} MoE layers fused ({m.num_experts} experts, top-{m.experts_per_token}),"
               f" ONNX {_human(result.onnx_bytes)} from {_human(result.checkpoint_bytes)} of safetensors")
     if m.quantization:

@@ -8,8 +8,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import onnx_ir as ir
-
 from ..runtime import Manifest, MoEModel
 from ..runtime.errors import MoerunError
 from ..runtime.manifest import decoder_io_names
@@ -17,7 +15,7 @@ from . import verify as verify_mod
 from .architectures import adapter_for
 from .export import export_decoder
 from .output import check_output, copy_side_files, save_model, staged_directory
-from .passes import CheckFusedMoE, PinIrVersion
+from .passes import CheckFusedMoE, OrtFusions, PinIrVersion
 from .quantize import QuantizeOptions, apply_quantization
 from .sources import open_checkpoint
 
@@ -87,10 +85,12 @@ def convert(
     verify: bool = False,
     tolerance: float | None = None,
     quantize: QuantizeOptions | None = None,
+    fusions: bool = True,
     on_stage: Callable[[str], None] | None = None,
 ) -> ConvertResult:
     """Export ``source`` to ``output`` with one com.microsoft.MoE node per MoE layer.
 
+    ``fusions`` fuses attention, RMSNorm and rotary subgraphs into ONNX Runtime's contrib ops.
     With ``quantize``, the experts (and optionally dense weights) are quantized before saving.
     Nothing is written to ``output`` unless every stage (and --verify, when asked) succeeds.
     """
@@ -124,8 +124,9 @@ def convert(
     kv = adapter.kv_shape(config)
     onnx_model = export_decoder(model, kv)
     stage("graph passes")
-    passes = [PinIrVersion(), CheckFusedMoE(len(swapped))]
-    ir.passes.Sequential(*passes)(onnx_model)
+    passes = ([OrtFusions()] if fusions else []) + [PinIrVersion(), CheckFusedMoE(len(swapped))]
+    for p in passes:
+        onnx_model = p(onnx_model).model
     del model
 
     inputs, outputs = decoder_io_names(config.num_hidden_layers)
@@ -147,6 +148,7 @@ def convert(
         inputs=inputs,
         outputs=outputs,
         passes=[type(p).__name__ for p in passes],
+        fusions=passes[0].counts if fusions else {},
         eos_token_id=eos,
         pad_token_id=pad,
         bos_token_id=bos,

@@ -39,6 +39,7 @@ class Manifest:
     inputs: list[str] = field(default_factory=list)
     outputs: list[str] = field(default_factory=list)
     passes: list[str] = field(default_factory=list)
+    fusions: dict = field(default_factory=dict)  # fusion name -> how many applied
     eos_token_id: list[int] = field(default_factory=list)
     pad_token_id: int | None = None
     bos_token_id: int | None = None

@@ -51,12 +51,21 @@ def test_kv_cache_inputs_and_outputs_with_dynamic_dims(converted):
     assert dims(by_name["logits"]) == ["batch_size", "sequence_length", 160]
 
 
-def test_checker_and_shape_inference_accept_the_model(converted):
+def test_checker_and_shape_inference_accept_the_unfused_model(checkpoints, tmp_path):
+    # The ORT fusions emit ONNX Runtime's SimplifiedLayerNormalization in the default domain, which
+    # onnx itself does not define; the graph before them is plain ONNX plus our registered MoE schema.
+    from moerun.converter.convert import convert
+
     register_schemas()
-    path = converted["k1_e4_h72"] / "model.onnx"
+    path = convert(checkpoints["k1_e4_h72"], tmp_path / "plain", fusions=False).output / "model.onnx"
     onnx.checker.check_model(str(path), full_check=True)
     model = onnx.load(path)
     assert model.ir_version <= MAX_IR_VERSION
+    assert "OrtFusions" not in json.loads((path.parent / "moerun.json").read_text())["passes"]
+
+
+def test_fused_model_ir_version(converted):
+    assert onnx.load(converted["k1_e4_h72"] / "model.onnx").ir_version <= MAX_IR_VERSION
 
 
 def test_output_directory_holds_manifest_and_side_files(converted, checkpoints):
@@ -65,7 +74,9 @@ def test_output_directory_holds_manifest_and_side_files(converted, checkpoints):
     assert manifest["architecture"] == "MixtralForCausalLM"
     assert manifest["moe_layers"] == 2 and manifest["num_experts"] == 4 and manifest["experts_per_token"] == 2
     assert manifest["num_kv_heads"] == 1 and manifest["head_dim"] == 20
-    assert manifest["passes"] == ["PinIrVersion", "CheckFusedMoE"]
+    assert manifest["passes"] == ["OrtFusions", "PinIrVersion", "CheckFusedMoE"]
+    # every layer's attention and norms fused (2 layers: 2 attention, 2x2 + 1 norms)
+    assert manifest["fusions"].get("sdpa_via_mha") == 2 and manifest["fusions"].get("rotary_embedding") == 4
     assert manifest["eos_token_id"] == [2] and manifest["moerun_version"]
     assert (out / "config.json").is_file() and (out / "generation_config.json").is_file()
     assert not [p for p in out.parent.iterdir() if p.name.startswith(".")], "no staging directory left behind"
