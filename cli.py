@@ -1,4 +1,4 @@
-"""The `moerun` command line: convert, generate, demo. Errors are one line on stderr and exit code 1."""
+"""The `moerun` command line. Errors are one line on stderr and exit code 1, never a traceback."""
 
 from __future__ import annotations
 
@@ -118,18 +118,20 @@ def _print_layers(layers: list[dict]) -> None:
 @click.option("--quantize", "quantize", type=click.Choice(["int4", "int8"]), default=None,
               help="Quantize the expert weights in the same run (QMoE).")
 @click.option("--no-fusions", is_flag=True, help="Skip the ORT fusions (attention, RMSNorm, rotary).")
+@click.option("--source", "source_format", type=click.Choice(["hf", "fairseq"]), default="hf", show_default=True,
+              help="SOURCE is a Hugging Face directory or a fairseq MoE checkpoint (shared + rank files).")
 @_quant_options
 def convert(source: Path, output: Path, dtype: str, overwrite: bool, verify: bool, tolerance: float | None,
-            quantize: str | None, no_fusions: bool, **quant) -> None:
-    """Convert a Hugging Face MoE checkpoint directory SOURCE to ONNX."""
+            quantize: str | None, no_fusions: bool, source_format: str, **quant) -> None:
+    """Convert an MoE checkpoint SOURCE (Hugging Face directory or fairseq) to ONNX."""
     options = _quant(int(quantize[3:]), **quant) if quantize else None
     result = run_convert(source, output, dtype=dtype, overwrite=overwrite, verify=verify, tolerance=tolerance,
-                         quantize=options, fusions=not no_fusions)
+                         quantize=options, fusions=not no_fusions, source_format=source_format)
     m = result.manifest
     if m.fusions:
         err.print("ORT fusions: " + ", ".join(f"{k} {v}" for k, v in m.fusions.items()))
     err.print(f"{m.architecture}: {m.moe_layers} MoE layers fused ({m.num_experts} experts, top-{m.experts_per_token}),"
-              f" ONNX {_human(result.onnx_bytes)} from {_human(result.checkpoint_bytes)} of safetensors")
+              f" ONNX {_human(result.onnx_bytes)} from {_human(result.checkpoint_bytes)} of checkpoint")
     if m.quantization:
         _print_layers(m.quantization["layers"])
     if result.report:
@@ -210,6 +212,62 @@ def generate(model_dir: Path, prompts: tuple[str, ...], max_new_tokens: int, do_
     s = model.last_stats
     err.print(f"prefill {s.prefill_tokens} tokens at {s.prefill_tokens_per_s:.0f} tok/s, "
               f"decode {s.decode_tokens} tokens at {s.decode_tokens_per_s:.0f} tok/s")
+
+
+@main.command()
+@click.argument("model_dir", type=click.Path(path_type=Path))
+@click.option("--src", "src_lang", default=None, help="Source language code (NLLB: e.g. eng_Latn).")
+@click.option("--tgt", "tgt_lang", default=None, help="Target language code (NLLB: e.g. fra_Latn).")
+@click.option("--beams", type=click.IntRange(min=1), default=4, show_default=True, help="Beam size (1: greedy).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True,
+              help="Sentences per batch.")
+@click.option("--max-length", type=click.IntRange(min=2), default=200, show_default=True,
+              help="Longest output, in tokens.")
+@click.option("--length-penalty", type=float, default=1.0, show_default=True)
+@click.option("--no-repeat-ngram-size", type=click.IntRange(min=0), default=0, show_default=True)
+@click.option("--no-pruning", is_flag=True, help="Keep finished sentences in the batch (for comparison).")
+@click.option("--provider", type=click.Choice(PROVIDERS), default="auto", show_default=True)
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="Intra-op threads (default: all cores).")
+def translate(model_dir: Path, src_lang: str | None, tgt_lang: str | None, beams: int, batch_size: int,
+              max_length: int, length_penalty: float, no_repeat_ngram_size: int, no_pruning: bool, provider: str,
+              threads: int | None) -> None:
+    """Translate stdin to stdout, one sentence a line, with an encoder-decoder model in MODEL_DIR."""
+    import sys
+    import time
+
+    from rich.progress import Progress
+
+    from .runtime import MoEModel
+
+    model = MoEModel.load(model_dir, provider=provider, threads=threads)
+    if not model.manifest.is_seq2seq:
+        raise MoerunError(f"{model_dir} holds a decoder-only model: use 'moerun generate'")
+    lines = [line.rstrip("\n") for line in sys.stdin]
+    err.print(f"{model.manifest.architecture} on {model.execution_provider}: {len(lines)} sentences, "
+              f"beam {beams}, batch {batch_size}")
+    # Sort by length so that a batch holds similar sentences (less padding); print in input order.
+    order = sorted(range(len(lines)), key=lambda i: len(lines[i]))
+    results: list[str] = [""] * len(lines)
+    rows = tokens = 0
+    start = time.perf_counter()
+    with Progress(console=err, transient=True) as progress:
+        task = progress.add_task("translating", total=len(lines))
+        for b in range(0, len(order), batch_size):
+            idx = [i for i in order[b: b + batch_size] if lines[i].strip()]
+            if idx:
+                texts = model.translate([lines[i] for i in idx], src_lang, tgt_lang, num_beams=beams,
+                                        max_length=max_length, length_penalty=length_penalty,
+                                        no_repeat_ngram_size=no_repeat_ngram_size, prune=not no_pruning)
+                for i, text in zip(idx, texts):
+                    results[i] = text
+                rows += model.last_stats.extra["decoder_rows"]
+                tokens += model.last_stats.prefill_tokens
+            progress.advance(task, len(order[b: b + batch_size]))
+    for text in results:
+        out.print(text, markup=False, soft_wrap=True)
+    seconds = time.perf_counter() - start
+    err.print(f"{len(lines)} sentences, {tokens} source tokens in {seconds:.2f} s "
+              f"({tokens / seconds if seconds else 0:.0f} input tok/s), {rows} decoder rows")
 
 
 @main.command()

@@ -10,10 +10,11 @@ from pathlib import Path
 
 from ..runtime import Manifest, MoEModel
 from ..runtime.errors import MoerunError
-from ..runtime.manifest import decoder_io_names
+from ..runtime.manifest import decoder_io_names, seq2seq_io_names
 from . import verify as verify_mod
 from .architectures import adapter_for
 from .export import export_decoder
+from .export_seq2seq import export_seq2seq
 from .output import check_output, copy_side_files, save_model, staged_directory
 from .passes import CheckFusedMoE, OrtFusions, PinIrVersion
 from .quantize import QuantizeOptions, apply_quantization
@@ -53,6 +54,11 @@ def _special_tokens(model) -> tuple[list[int], int | None, int | None]:
     return eos, pad, bos if bos is not None else cfg.bos_token_id
 
 
+def _decoder_start(model) -> int | None:
+    start = getattr(getattr(model, "generation_config", None), "decoder_start_token_id", None)
+    return start if start is not None else getattr(model.config, "decoder_start_token_id", None)
+
+
 class _Stages:
     """Names the current stage (log + callback) and times each one."""
 
@@ -86,10 +92,13 @@ def convert(
     tolerance: float | None = None,
     quantize: QuantizeOptions | None = None,
     fusions: bool = True,
+    source_format: str = "hf",
     on_stage: Callable[[str], None] | None = None,
 ) -> ConvertResult:
     """Export ``source`` to ``output`` with one com.microsoft.MoE node per MoE layer.
 
+    ``source_format`` is "hf" (a Hugging Face directory) or "fairseq" (an MoE checkpoint as fairseq
+    writes it: ``<name>-shared.pt`` and ``<name>-rank-N.pt``).
     ``fusions`` fuses attention, RMSNorm and rotary subgraphs into ONNX Runtime's contrib ops.
     With ``quantize``, the experts (and optionally dense weights) are quantized before saving.
     Nothing is written to ``output`` unless every stage (and --verify, when asked) succeeds.
@@ -99,7 +108,7 @@ def convert(
     source, output = Path(source), Path(output)
     check_output(output, overwrite)  # fail before minutes of work, not after
     # Validate everything cheap before the first stage is announced: bad input fails in one line.
-    checkpoint = open_checkpoint(source)
+    checkpoint = open_checkpoint(source, source_format)
     config = checkpoint.config
     adapter = adapter_for(config)
     if quantize is not None:
@@ -115,32 +124,56 @@ def convert(
     eos, pad, bos = _special_tokens(model)
     pad_for_verify = pad if pad is not None else (eos[0] if eos else 0)
     ref = None
+    seq2seq = getattr(adapter, "seq2seq", False)
     if verify:
         stage("reference outputs (PyTorch)")
-        ref = verify_mod.reference(model, eos, pad_for_verify)
+        adapter.prepare_reference(model)
+        if seq2seq:
+            ref = verify_mod.reference_seq2seq(model, eos, pad_for_verify, _decoder_start(model))
+        else:
+            ref = verify_mod.reference(model, eos, pad_for_verify)
     stage("fuse MoE blocks")
     swapped = adapter.swap_moe_blocks(model)
     stage("export ONNX")
     kv = adapter.kv_shape(config)
-    onnx_model = export_decoder(model, kv)
+    if seq2seq:
+        num_layers = adapter.decoder_layers(config)
+        encoder, decoder = export_seq2seq(model, kv, adapter.cross_attention(model), num_layers)
+        encoder_moe = sum(".encoder." in f".{name}." for name in swapped)
+        graphs = {"encoder.onnx": (encoder, encoder_moe), "decoder.onnx": (decoder, len(swapped) - encoder_moe)}
+        inputs, outputs = seq2seq_io_names(num_layers)["decoder"]
+    else:
+        num_layers = config.num_hidden_layers
+        graphs = {"model.onnx": (export_decoder(model, kv), len(swapped))}
+        inputs, outputs = decoder_io_names(num_layers)
     stage("graph passes")
-    passes = ([OrtFusions()] if fusions else []) + [PinIrVersion(), CheckFusedMoE(len(swapped))]
-    for p in passes:
-        onnx_model = p(onnx_model).model
+    fusion_counts: dict[str, int] = {}
+    for name, (onnx_model, expected) in graphs.items():
+        passes = ([OrtFusions()] if fusions else []) + [PinIrVersion(), CheckFusedMoE(expected)]
+        for p in passes:
+            onnx_model = p(onnx_model).model
+        graphs[name] = onnx_model
+        for fusion, n in (passes[0].counts if fusions else {}).items():
+            fusion_counts[fusion] = fusion_counts.get(fusion, 0) + n
+    decoder_start = _decoder_start(model)
     del model
 
-    inputs, outputs = decoder_io_names(config.num_hidden_layers)
     from .. import __version__
 
     manifest = Manifest(
         architecture=adapter.architectures[0],
         model_type=config.model_type,
-        num_layers=config.num_hidden_layers,
+        kind="seq2seq" if seq2seq else "decoder",
+        model_file="decoder.onnx" if seq2seq else "model.onnx",
+        encoder_file="encoder.onnx" if seq2seq else None,
+        encoder_moe_layers=encoder_moe if seq2seq else 0,
+        decoder_start_token_id=decoder_start if seq2seq else None,
+        num_layers=num_layers,
         num_kv_heads=kv.heads,
         head_dim=kv.key_dim,
         value_head_dim=kv.value_dim,
         vocab_size=config.vocab_size,
-        hidden_size=config.hidden_size,
+        hidden_size=getattr(config, "hidden_size", None) or config.d_model,
         num_experts=adapter.num_experts(config),
         experts_per_token=adapter.experts_per_token(config),
         moe_layers=len(swapped),
@@ -148,7 +181,7 @@ def convert(
         inputs=inputs,
         outputs=outputs,
         passes=[type(p).__name__ for p in passes],
-        fusions=passes[0].counts if fusions else {},
+        fusions=fusion_counts,
         eos_token_id=eos,
         pad_token_id=pad,
         bos_token_id=bos,
@@ -157,10 +190,14 @@ def convert(
     )
     if quantize is not None:
         stage(f"quantize ({quantize.label})")
-        onnx_model, _ = apply_quantization(onnx_model, manifest, quantize)
+        graphs, _ = apply_quantization(graphs, manifest, quantize)
     with staged_directory(output, overwrite) as staging:
         stage("save")
-        files = save_model(onnx_model, staging) + copy_side_files(source, staging)
+        files = [f for name, g in graphs.items() for f in save_model(g, staging, name)]
+        files += copy_side_files(source if source.is_dir() else source.parent, staging)
+        if not (staging / "config.json").is_file():  # fairseq: the Hugging Face config it was mapped to
+            config.to_json_file(staging / "config.json")
+            files.append("config.json")
         report = None
         if ref is not None:
             manifest.save(staging)
@@ -168,10 +205,11 @@ def convert(
             tol = tolerance
             if tol is None and quantize is None:  # a quantized model is reported on, not held to fp tolerance
                 tol = verify_mod.DEFAULT_TOLERANCE[dtype]
-            report = verify_mod.compare(MoEModel.load(staging, provider="cpu"), ref, tol)
+            compare = verify_mod.compare_seq2seq if seq2seq else verify_mod.compare
+            report = compare(MoEModel.load(staging, provider="cpu"), ref, tol)
             manifest.verify = report.to_dict()
             verify_mod.check(report)
         manifest.save(staging)
         files.append("moerun.json")
-        onnx_bytes = sum((staging / f).stat().st_size for f in files if f.startswith("model.onnx"))
+        onnx_bytes = sum((staging / f).stat().st_size for f in files if ".onnx" in f)
     return ConvertResult(output, manifest, files, checkpoint.num_bytes, onnx_bytes, stage.finish(), report)

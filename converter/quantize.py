@@ -84,25 +84,35 @@ def quantize_passes(options: QuantizeOptions, moe_layers: int) -> list[ir.passes
     return passes + [PinIrVersion(), CheckFusedMoE(moe_layers)]
 
 
-def apply_quantization(model: ir.Model, manifest: Manifest, options: QuantizeOptions) -> tuple[ir.Model, dict]:
-    """Run the quantization passes on ``model``; returns it and the manifest's quantization record."""
+def apply_quantization(graphs: dict[str, ir.Model], manifest: Manifest,
+                       options: QuantizeOptions) -> tuple[dict[str, ir.Model], dict]:
+    """Run the quantization passes on each graph (file name -> model; one for a decoder, encoder and
+    decoder for seq2seq); returns them and the manifest's quantization record."""
     if manifest.quantization:
         raise MoerunError("this model is already quantized; quantize the fp32/fp16 export instead")
-    passes = quantize_passes(options, manifest.moe_layers)
-    for p in passes:
-        model = p(model).model
-    experts = passes[0]
-    record = {**asdict(options), "label": options.label, "layers": experts.layers}
-    for p in passes:
-        if isinstance(p, QuantizeDense):
-            record["dense_nodes"] = p.quantized
-        if isinstance(p, ToFloat16):
-            record["fp16_kept_fp32_ops"] = p.kept_fp32
+    expected = manifest.graphs()
+    record = {**asdict(options), "label": options.label, "layers": []}
+    out = {}
+    for name, model in graphs.items():
+        passes = quantize_passes(options, expected[name])
+        for p in passes:
+            model = p(model).model
+        out[name] = model
+        record["layers"] += passes[0].layers
+        for p in passes:
+            if isinstance(p, QuantizeDense):
+                record["dense_nodes"] = [*record.get("dense_nodes", []), *p.quantized]
+            if isinstance(p, ToFloat16):
+                record["fp16_kept_fp32_ops"] = sorted({*record.get("fp16_kept_fp32_ops", []), *p.kept_fp32})
     manifest.passes = [*manifest.passes, *(type(p).__name__ for p in passes)]
     if options.fp16:
         manifest.dtype = "fp16"
     manifest.quantization = record
-    return model, record
+    return out, record
+
+
+def _graph_bytes(directory: Path, manifest: Manifest) -> int:
+    return sum(p.stat().st_size for name in manifest.graphs() for p in directory.glob(f"{name}*"))
 
 
 def quantize_model(source: str | Path, output: str | Path, options: QuantizeOptions, *, overwrite: bool = False,
@@ -118,15 +128,16 @@ def quantize_model(source: str | Path, output: str | Path, options: QuantizeOpti
     with staged_directory(output, overwrite) as staging:
         if on_stage:
             on_stage("load ONNX model")
-        model = ir.load(source / manifest.model_file)
+        graphs = {name: ir.load(source / name) for name in manifest.graphs()}
         if on_stage:
             on_stage(f"quantize ({options.label})")
-        model, record = apply_quantization(model, manifest, options)
+        graphs, record = apply_quantization(graphs, manifest, options)
         if on_stage:
             on_stage("save")
-        files = save_model(model, staging)
+        for name, model in graphs.items():
+            save_model(model, staging, name)
         copy_side_files(source, staging)
         manifest.save(staging)
-        onnx_bytes = sum((staging / f).stat().st_size for f in files)
-    source_bytes = sum(p.stat().st_size for p in source.glob(f"{manifest.model_file}*"))
+        onnx_bytes = _graph_bytes(staging, manifest)
+    source_bytes = _graph_bytes(source, manifest)
     return QuantizeResult(output, manifest, source_bytes, onnx_bytes, record["layers"])

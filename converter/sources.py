@@ -11,7 +11,9 @@ from safetensors import safe_open
 
 from ..runtime.errors import CheckpointError
 
-__all__ = ["HFCheckpoint", "open_checkpoint"]
+__all__ = ["FORMATS", "FairseqCheckpoint", "HFCheckpoint", "open_checkpoint"]
+
+FORMATS = ("hf", "fairseq")
 
 log = logging.getLogger(__name__)
 
@@ -34,11 +36,12 @@ class HFCheckpoint:
     def load_model(self, dtype: str = "fp32", attn_implementation: str = "sdpa"):
         """The PyTorch model, weights memory-mapped from safetensors, eval mode."""
         import torch
-        from transformers import AutoModelForCausalLM
+        from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
         torch_dtype = {"fp32": torch.float32, "fp16": torch.float16}[dtype]
+        auto = AutoModelForSeq2SeqLM if getattr(self.config, "is_encoder_decoder", False) else AutoModelForCausalLM
         try:
-            model = AutoModelForCausalLM.from_pretrained(
+            model = auto.from_pretrained(
                 self.path, config=self.config, dtype=torch_dtype, attn_implementation=attn_implementation
             )
         except (OSError, ValueError, RuntimeError, KeyError) as e:
@@ -78,11 +81,52 @@ def _check_safetensors(files: list[Path]) -> None:
             raise CheckpointError(f"{f}: corrupt or truncated safetensors file ({_first_line(e)})") from e
 
 
-def open_checkpoint(path: str | Path) -> HFCheckpoint:
-    """Validate a Hugging Face checkpoint directory and read its config (no weights are loaded)."""
+@dataclass
+class FairseqCheckpoint:
+    """A fairseq MoE checkpoint (shared + per-rank files), mapped onto Hugging Face NLLB-MoE."""
+
+    path: Path
+    config: object
+    state_dict: dict
+    num_bytes: int
+
+    def load_model(self, dtype: str = "fp32", attn_implementation: str = "eager"):
+        import torch
+        from transformers import NllbMoeForConditionalGeneration
+
+        self.config._attn_implementation = attn_implementation
+        with torch.device("meta"):
+            model = NllbMoeForConditionalGeneration(self.config)
+        try:
+            model.load_state_dict(self.state_dict, strict=False, assign=True)
+        except RuntimeError as e:
+            raise CheckpointError(f"{self.path}: the weights do not fit the model: {_first_line(e)}") from e
+        model.tie_weights()
+        missing = [n for n, p in model.named_parameters() if p.is_meta]
+        if missing:
+            raise CheckpointError(f"{self.path}: no weights for {', '.join(missing[:3])}"
+                                  f"{' and more' if len(missing) > 3 else ''}")
+        for name, buffer in model.named_buffers():  # sinusoidal positions are not in the checkpoint
+            if buffer.is_meta:
+                module = model.get_submodule(name.rpartition(".")[0])
+                module.make_weights(module.num_positions + module.offset, module.embedding_dim, module.padding_idx)
+        torch_dtype = {"fp32": torch.float32, "fp16": torch.float16}[dtype]
+        return model.to(torch_dtype).eval()
+
+
+def open_checkpoint(path: str | Path, source_format: str = "hf") -> HFCheckpoint | FairseqCheckpoint:
+    """Validate a checkpoint and read its config (Hugging Face: no weights are loaded yet)."""
     from transformers import AutoConfig
 
     path = Path(path)
+    if source_format == "fairseq":
+        from .fairseq import load_fairseq_checkpoint
+
+        config, state_dict = load_fairseq_checkpoint(path)
+        files = sorted(path.glob("*.pt")) if path.is_dir() else [path]
+        return FairseqCheckpoint(path, config, state_dict, sum(f.stat().st_size for f in files))
+    if source_format != "hf":
+        raise CheckpointError(f"unknown checkpoint format {source_format!r}; choose one of {', '.join(FORMATS)}")
     if not path.is_dir():
         raise CheckpointError(f"{path}: no such checkpoint directory")
     config_file = path / "config.json"

@@ -14,7 +14,8 @@ import torch
 from ..runtime import MoEModel
 from ..runtime.errors import VerificationError
 
-__all__ = ["DEFAULT_TOLERANCE", "Reference", "VerifyReport", "compare", "reference", "sample_prompts"]
+__all__ = ["DEFAULT_TOLERANCE", "Reference", "Seq2SeqReference", "VerifyReport", "compare", "compare_seq2seq",
+           "reference", "reference_seq2seq", "sample_prompts"]
 
 DEFAULT_TOLERANCE = {"fp32": 1e-3, "fp16": 5e-2}
 GREEDY_TOKENS = 20
@@ -102,6 +103,63 @@ def compare(onnx_model: MoEModel, ref: Reference, tolerance: float | None) -> Ve
     total = sum(max(len(a), len(b)) for a, b in zip(ref.greedy, ours))
     same = sum(x == y for a, b in zip(ref.greedy, ours) for x, y in zip(a, b))
     return VerifyReport(prefill_err, decode_err, same / total if total else 1.0, total, tolerance)
+
+
+@dataclass
+class Seq2SeqReference:
+    sources: list[list[int]]
+    targets: np.ndarray        # (batch, length) teacher-forced decoder inputs, start token first
+    split: int
+    encoder: np.ndarray
+    logits: np.ndarray
+    greedy: list[list[int]]
+    new_tokens: int
+
+
+def _sources(model, eos_ids: list[int], seed: int) -> list[list[int]]:
+    vocab = model.config.vocab_size
+    rng = np.random.default_rng(seed)
+    return [rng.integers(3, vocab, n).tolist() + eos_ids[:1] for n in (9, 5, 7)]
+
+
+@torch.no_grad()
+def reference_seq2seq(model, eos_ids: list[int], pad_id: int, start_id: int, seed: int = 0,
+                      new_tokens: int = GREEDY_TOKENS) -> Seq2SeqReference:
+    """Encoder output, teacher-forced decoder logits and greedy generations of the PyTorch model."""
+    from ..runtime.generation import right_pad
+
+    sources = _sources(model, eos_ids, seed)
+    ids, mask = (torch.from_numpy(a) for a in right_pad(sources, pad_id))
+    rng = np.random.default_rng(seed + 1)
+    targets = np.concatenate([np.full((len(sources), 1), start_id),
+                              rng.integers(3, model.config.vocab_size, (len(sources), 5))], axis=1)
+    encoder = model.get_encoder()(input_ids=ids, attention_mask=mask).last_hidden_state
+    logits = model(input_ids=ids, attention_mask=mask, decoder_input_ids=torch.from_numpy(targets)).logits
+    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False,
+                         num_beams=1, pad_token_id=pad_id, eos_token_id=eos_ids or None)
+    greedy = [_trim(row, set(eos_ids)) for row in out[:, 1:].tolist()]
+    return Seq2SeqReference(sources, targets, 4, encoder.float().numpy(), logits.float().numpy(), greedy, new_tokens)
+
+
+def compare_seq2seq(onnx_model: MoEModel, ref: Seq2SeqReference, tolerance: float | None) -> VerifyReport:
+    """Encoder output (real positions), decoder logits (prefill, then steps with past) and greedy tokens."""
+    encoded = onnx_model.encode(ref.sources)
+    valid = encoded.attention_mask.astype(bool)
+    encoder_err = float(np.abs(encoded.hidden_states.astype(np.float32) - ref.encoder)[valid].max())
+    runner = onnx_model.runner
+    past = runner.empty_past(len(ref.sources))
+    prefill, past = runner.decode(ref.targets[:, : ref.split], encoded.attention_mask, past, encoded.cross)
+    steps = []
+    for t in range(ref.split, ref.targets.shape[1]):
+        logits, past = runner.decode(ref.targets[:, t: t + 1], encoded.attention_mask, past, encoded.cross)
+        steps.append(logits)
+    prefill_err = float(np.abs(prefill.astype(np.float32) - ref.logits[:, : ref.split]).max())
+    decode_err = float(np.abs(np.concatenate(steps, 1).astype(np.float32) - ref.logits[:, ref.split:]).max())
+    ours = onnx_model.translate_ids(ref.sources, max_new_tokens=ref.new_tokens)
+    ours = [_trim(row[1:], set(onnx_model.manifest.eos_token_id)) for row in ours]
+    total = sum(max(len(a), len(b)) for a, b in zip(ref.greedy, ours))
+    same = sum(x == y for a, b in zip(ref.greedy, ours) for x, y in zip(a, b))
+    return VerifyReport(max(encoder_err, prefill_err), decode_err, same / total if total else 1.0, total, tolerance)
 
 
 def check(report: VerifyReport) -> None:

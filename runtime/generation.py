@@ -11,7 +11,8 @@ import onnxruntime as ort
 from .errors import MoerunError
 from .manifest import Manifest
 
-__all__ = ["DecoderRunner", "GenerationStats", "SamplingConfig", "filter_logits", "left_pad", "pick_next"]
+__all__ = ["DecoderRunner", "GenerationStats", "SamplingConfig", "filter_logits", "left_pad", "pick_next",
+           "right_pad"]
 
 
 @dataclass(frozen=True)
@@ -61,6 +62,12 @@ def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.nd
         ids[row, width - len(seq):] = seq
         mask[row, width - len(seq):] = 1
     return ids, mask
+
+
+def right_pad(sequences: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """(input_ids, attention_mask), each (batch, longest), padded on the right (encoder inputs)."""
+    ids, mask = left_pad([list(s)[::-1] for s in sequences], pad_id)
+    return np.ascontiguousarray(ids[:, ::-1]), np.ascontiguousarray(mask[:, ::-1])
 
 
 def filter_logits(logits: np.ndarray, sampling: SamplingConfig) -> np.ndarray:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from .errors import ModelDirError
 
-__all__ = ["MANIFEST_FILE", "FORMAT_VERSION", "Manifest", "decoder_io_names"]
+__all__ = ["MANIFEST_FILE", "FORMAT_VERSION", "Manifest", "decoder_io_names", "seq2seq_io_names"]
 
 MANIFEST_FILE = "moerun.json"
 FORMAT_VERSION = 1
@@ -19,6 +19,18 @@ def decoder_io_names(num_layers: int) -> tuple[list[str], list[str]]:
     past = [f"past_key_values.{i}.{kv}" for i in range(num_layers) for kv in ("key", "value")]
     present = [f"present.{i}.{kv}" for i in range(num_layers) for kv in ("key", "value")]
     return ["input_ids", "attention_mask", "position_ids", *past], ["logits", *present]
+
+
+def seq2seq_io_names(num_layers: int) -> dict[str, tuple[list[str], list[str]]]:
+    """Input and output names of the encoder and decoder graphs of an encoder-decoder model."""
+    layers = range(num_layers)
+    cross = [f"{kv}_cross.{i}" for i in layers for kv in ("key", "value")]
+    self_ = [f"{kv}_self.{i}" for i in layers for kv in ("key", "value")]
+    return {
+        "encoder": (["input_ids", "attention_mask"], ["encoder_hidden_states", *(f"present_{n}" for n in cross)]),
+        "decoder": (["input_ids", "encoder_attention_mask", *(f"past_{n}" for n in self_ + cross)],
+                    ["logits", *(f"present_{n}" for n in self_)]),
+    }
 
 
 @dataclass
@@ -35,7 +47,11 @@ class Manifest:
     moe_layers: int
     dtype: str = "fp32"
     value_head_dim: int | None = None  # when values differ from keys (MLA); None: head_dim
+    kind: str = "decoder"  # "decoder" (one graph) or "seq2seq" (encoder_file + model_file, the decoder)
     model_file: str = "model.onnx"
+    encoder_file: str | None = None
+    encoder_moe_layers: int = 0  # seq2seq: how many of moe_layers are in the encoder graph
+    decoder_start_token_id: int | None = None
     inputs: list[str] = field(default_factory=list)
     outputs: list[str] = field(default_factory=list)
     passes: list[str] = field(default_factory=list)
@@ -48,6 +64,16 @@ class Manifest:
     source: str = ""
     moerun_version: str = ""
     format_version: int = FORMAT_VERSION
+
+    @property
+    def is_seq2seq(self) -> bool:
+        return self.kind == "seq2seq"
+
+    def graphs(self) -> dict[str, int]:
+        """Each ONNX file of the model and the number of fused MoE nodes it holds."""
+        if self.encoder_file is None:
+            return {self.model_file: self.moe_layers}
+        return {self.encoder_file: self.encoder_moe_layers, self.model_file: self.moe_layers - self.encoder_moe_layers}
 
     def past_shapes(self, batch: int, length: int = 0) -> list[tuple[int, int, int, int]]:
         """Shapes of the past_key_values inputs, in input order (key, value per layer)."""

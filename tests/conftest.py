@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from transformers import MixtralConfig, MixtralForCausalLM
@@ -119,3 +120,81 @@ def hf_greedy(hf, prompts, new_tokens: int) -> list[list[int]]:
         out = hf.generate(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask),
                           max_new_tokens=new_tokens, do_sample=False, pad_token_id=0, eos_token_id=None)
     return out[:, ids.shape[1]:].tolist()
+
+
+# --- encoder-decoder (translation) models ------------------------------------------------------
+
+def tiny_nllb_moe(seed: int = 0, **overrides):
+    """A tiny random NLLB-MoE: 2+2 layers, MoE every 2nd layer, 4 experts, top-2."""
+    from transformers import NllbMoeConfig, NllbMoeForConditionalGeneration
+
+    params = dict(vocab_size=120, d_model=32, encoder_layers=2, decoder_layers=2, encoder_ffn_dim=48,
+                  decoder_ffn_dim=48, encoder_attention_heads=4, decoder_attention_heads=4, num_experts=4,
+                  encoder_sparse_step=2, decoder_sparse_step=2, max_position_embeddings=128,
+                  decoder_start_token_id=2, init_std=0.1, scale_embedding=False)
+    params.update(overrides)
+    config = NllbMoeConfig(**params)
+    config.architectures = ["NllbMoeForConditionalGeneration"]
+    torch.manual_seed(seed)
+    model = NllbMoeForConditionalGeneration(config).eval()
+    with torch.no_grad():  # a pull towards eos: generations end at different lengths
+        eos = model.model.shared.weight[config.eos_token_id]
+        model.model.decoder.layer_norm.bias.add_(1.5 * eos / eos.norm())
+    return model
+
+
+def tiny_switch(seed: int = 0, **overrides):
+    """A tiny random Switch Transformers: 2+2 blocks, MoE in every 2nd block, 4 experts, top-1."""
+    from transformers import SwitchTransformersConfig, SwitchTransformersForConditionalGeneration
+
+    params = dict(vocab_size=120, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_decoder_layers=2, num_heads=4,
+                  num_experts=4, encoder_sparse_step=2, decoder_sparse_step=2, decoder_start_token_id=0,
+                  pad_token_id=0, eos_token_id=1, initializer_factor=1.5)
+    params.update(overrides)
+    config = SwitchTransformersConfig(**params)
+    config.architectures = ["SwitchTransformersForConditionalGeneration"]
+    torch.manual_seed(seed)
+    model = SwitchTransformersForConditionalGeneration(config).eval()
+    with torch.no_grad():  # a pull towards eos: generations end at different lengths
+        model.lm_head.weight[config.eos_token_id].mul_(1.5)
+    return model
+
+
+def _nllb_experts_as_fairseq(self, hidden_states, router_mask, router_probs):
+    # The oracle's fix for transformers 5.x (its loop one-hot encodes the one-hot top-1 mask, so only
+    # experts 0 and 1 run): fairseq's mixing, every expert applied densely, weighted by its gate.
+    outputs = torch.stack([self[f"expert_{e}"](hidden_states) for e in range(self.num_experts)], dim=1)
+    return (router_probs.unsqueeze(-1) * outputs).sum(dim=1) * (1 - self.moe_token_dropout)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def nllb_moe_reference_semantics():
+    """Hugging Face NLLB-MoE as fairseq (and transformers 4.x) computes it, for every test."""
+    from transformers.models.nllb_moe import modeling_nllb_moe
+
+    original = modeling_nllb_moe.NllbMoeExperts.forward
+    modeling_nllb_moe.NllbMoeExperts.forward = _nllb_experts_as_fairseq
+    yield
+    modeling_nllb_moe.NllbMoeExperts.forward = original
+
+
+SEQ2SEQ = {"nllb_moe": tiny_nllb_moe, "switch": tiny_switch}
+
+
+@pytest.fixture(scope="session")
+def seq2seq_checkpoints(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("seq2seq")
+    return {name: save_checkpoint(build(seed=3), root / name) for name, build in SEQ2SEQ.items()}
+
+
+@pytest.fixture(scope="session")
+def seq2seq_converted(seq2seq_checkpoints, tmp_path_factory) -> dict[str, Path]:
+    from moerun.converter.convert import convert
+
+    root = tmp_path_factory.mktemp("seq2seq-onnx")
+    return {name: convert(path, root / name).output for name, path in seq2seq_checkpoints.items()}
+
+
+def random_sources(vocab: int, eos: int, lengths=(7, 3, 11, 5), seed: int = 0) -> list[list[int]]:
+    rng = np.random.default_rng(seed)
+    return [rng.integers(3, vocab, n).tolist() + [eos] for n in lengths]

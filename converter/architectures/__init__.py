@@ -54,4 +54,4 @@ def adapter_for(config):
     )
 
 
-from . import deepseek, gpt_oss, granitemoe, mixtral, olmoe, phimoe, qwen2_moe, qwen3_moe, qwen3_next  # noqa: E402,F401,I001
+from . import deepseek, gpt_oss, granitemoe, mixtral, nllb_moe, olmoe, phimoe, qwen2_moe, qwen3_moe, qwen3_next, switch_transformers  # noqa: E402,F401,I001,E501

@@ -82,7 +82,8 @@ class FusedMoE(nn.Module):
             return logits, torch.softmax(logits.float(), dim=-1).topk(self.attrs.k, dim=-1).values.sum(-1, True)
         return logits, None
 
-    def forward(self, hidden_states: torch.Tensor):
+    def forward(self, hidden_states: torch.Tensor, *_unused):
+        # _unused: NLLB-MoE passes its attention mask, used there only to zero pad tokens' expert output
         x = hidden_states.reshape(-1, hidden_states.shape[-1])
         logits, scale = self._router_input(x)
         a = self.attrs
@@ -146,6 +147,9 @@ class MoEAdapter:
 
     def fuse(self, block: nn.Module, config) -> FusedMoE:
         raise NotImplementedError
+
+    def prepare_reference(self, model: nn.Module) -> None:
+        """Make the PyTorch model compute the family's true semantics before it serves as --verify's oracle."""
 
     def swap_moe_blocks(self, model: nn.Module) -> list[str]:
         """Replace every MoE block of ``model`` in place; returns the swapped module names."""
