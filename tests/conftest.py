@@ -56,11 +56,11 @@ def converted(checkpoints, tmp_path_factory) -> dict[str, Path]:
     return {name: convert(path, root / name).output for name, path in checkpoints.items()}
 
 
-def run_cli(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+def run_cli(*args: str, timeout: int = 600, stdin: str | None = None) -> subprocess.CompletedProcess:
     """The installed console script, as a user runs it."""
     env = {k: v for k, v in os.environ.items() if k != "PYTHONWARNINGS"}
     exe = Path(sys.executable).with_name("moerun")
-    return subprocess.run([str(exe), *args], capture_output=True, text=True, timeout=timeout, env=env)
+    return subprocess.run([str(exe), *args], capture_output=True, text=True, timeout=timeout, env=env, input=stdin)
 
 
 FIXTURE = Path(__file__).parent / "fixtures" / "tiny-moe"
@@ -198,3 +198,37 @@ def seq2seq_converted(seq2seq_checkpoints, tmp_path_factory) -> dict[str, Path]:
 def random_sources(vocab: int, eos: int, lengths=(7, 3, 11, 5), seed: int = 0) -> list[list[int]]:
     rng = np.random.default_rng(seed)
     return [rng.integers(3, vocab, n).tolist() + [eos] for n in lengths]
+
+
+def train_sentencepiece(directory: Path, filename: str, vocab_size: int = 300) -> Path:
+    """A tiny BPE SentencePiece model trained offline on the fixture's held-out text."""
+    import sentencepiece as spm
+
+    directory.mkdir(parents=True, exist_ok=True)
+    corpus = directory / "corpus.txt"
+    lines = [line.strip() for line in (FIXTURE / "heldout.txt").read_text().splitlines() if line.strip()]
+    corpus.write_text("\n".join(lines[:4000]))
+    spm.SentencePieceTrainer.train(input=str(corpus), model_prefix=str(directory / "sp"), vocab_size=vocab_size,
+                                   model_type="bpe", character_coverage=1.0, minloglevel=2)
+    (directory / "sp.model").rename(directory / filename)
+    corpus.unlink()
+    (directory / "sp.vocab").unlink()
+    return directory
+
+
+@pytest.fixture(scope="session")
+def nllb_tokenizer(tmp_path_factory):
+    """transformers' NLLB tokenizer built from a SentencePiece model trained here, with the 202 language codes."""
+    from transformers import NllbTokenizer
+    from transformers.models.nllb.tokenization_nllb import FAIRSEQ_LANGUAGE_CODES
+
+    spm_dir = train_sentencepiece(tmp_path_factory.mktemp("nllb-spm"), "sentencepiece.bpe.model")
+    return NllbTokenizer.from_pretrained(spm_dir, extra_special_tokens=FAIRSEQ_LANGUAGE_CODES)
+
+
+@pytest.fixture(scope="session")
+def t5_tokenizer(tmp_path_factory):
+    """transformers' T5 tokenizer (Switch Transformers uses it) from a SentencePiece model trained here."""
+    from transformers import T5Tokenizer
+
+    return T5Tokenizer.from_pretrained(train_sentencepiece(tmp_path_factory.mktemp("t5-spm"), "spiece.model"))

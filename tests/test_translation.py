@@ -151,3 +151,50 @@ def test_convert_verify_and_int4_for_nllb_moe(seq2seq_checkpoints, tmp_path):
         assert ops.get("QMoE") == 1 and "MoE" not in ops
     assert model.manifest.verify["greedy_agreement"] >= 0.5
     assert len(model.translate_ids([[5, 6, 7, 2]], num_beams=2, max_new_tokens=8)[0]) >= 2
+
+
+@pytest.fixture(scope="module")
+def nllb_with_tokenizer(nllb_tokenizer, tmp_path_factory):
+    """A tiny NLLB-MoE whose vocabulary is the trained tokenizer's, saved with it, and its conversion."""
+    from moerun.converter.convert import convert
+
+    root = tmp_path_factory.mktemp("nllb-tok-model")
+    hf = SEQ2SEQ["nllb_moe"](seed=4, vocab_size=len(nllb_tokenizer))
+    save_checkpoint(hf, root / "ckpt")
+    nllb_tokenizer.save_pretrained(root / "ckpt")
+    return hf, convert(root / "ckpt", root / "onnx").output
+
+
+TEXTS = ["Return the number of items.", "def main():", "A longer sentence about containers and their items."]
+
+
+def _hf_translate(hf, tokenizer, texts, src, tgt, beams, max_length):
+    tokenizer.src_lang = src
+    batch = tokenizer(texts, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        out = hf.generate(**batch, num_beams=beams, max_length=max_length, do_sample=False,
+                          forced_bos_token_id=tokenizer.convert_tokens_to_ids(tgt))
+    return tokenizer.batch_decode(out, skip_special_tokens=True)
+
+
+def test_translate_text_matches_transformers(nllb_with_tokenizer, nllb_tokenizer):
+    hf, onnx = nllb_with_tokenizer
+    model = MoEModel.load(onnx)
+    for beams in (1, 4):
+        got = model.translate(TEXTS, src_lang="eng_Latn", tgt_lang="fra_Latn", num_beams=beams, max_length=20)
+        assert got == _hf_translate(hf, nllb_tokenizer, TEXTS, "eng_Latn", "fra_Latn", beams, 20)
+    with pytest.raises(Exception, match="pass src_lang and tgt_lang"):
+        model.translate(TEXTS)
+
+
+def test_translate_cli_reads_stdin_and_writes_stdout_in_order(nllb_with_tokenizer, nllb_tokenizer):
+    hf, onnx = nllb_with_tokenizer
+    lines = [*TEXTS, "", TEXTS[0]]
+    r = run_cli("translate", str(onnx), "--src", "eng_Latn", "--tgt", "deu_Latn", "--beams", "2", "--batch-size", "2",
+                "--max-length", "16", stdin="\n".join(lines) + "\n")
+    assert r.returncode == 0, r.stderr
+    expected = _hf_translate(hf, nllb_tokenizer, TEXTS + TEXTS[:1], "eng_Latn", "deu_Latn", 2, 16)
+    assert r.stdout.split("\n")[:-1] == [*expected[:3], "", expected[3]]
+    assert "input tok/s" in r.stderr
+    bad = run_cli("translate", str(onnx), "--src", "eng_Latn", "--tgt", "klingon", stdin="hi\n")
+    assert bad.returncode == 1 and "unknown language code 'klingon'" in bad.stderr and "Traceback" not in bad.stderr
