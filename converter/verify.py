@@ -13,6 +13,7 @@ import torch
 
 from ..runtime import MoEModel
 from ..runtime.errors import VerificationError
+from ..runtime.generation import trim_at_eos as _trim
 
 __all__ = ["DEFAULT_TOLERANCE", "Reference", "Seq2SeqReference", "VerifyReport", "compare", "compare_seq2seq",
            "reference", "reference_seq2seq", "sample_prompts"]
@@ -64,13 +65,6 @@ class VerifyReport:
 
     def to_dict(self) -> dict:
         return {**asdict(self), "passed": self.passed}
-
-
-def _trim(row: list[int], eos: set[int]) -> list[int]:
-    for i, t in enumerate(row):
-        if t in eos:
-            return row[: i + 1]
-    return row
 
 
 @torch.no_grad()

@@ -12,7 +12,7 @@ from .errors import MoerunError
 from .manifest import Manifest
 
 __all__ = ["DecoderRunner", "GenerationStats", "SamplingConfig", "filter_logits", "left_pad", "pick_next",
-           "right_pad"]
+           "right_pad", "trim_at_eos"]
 
 
 @dataclass(frozen=True)
@@ -163,10 +163,11 @@ class DecoderRunner:
             next_pos = next_pos + 1
             stats.decode_tokens += batch
         stats.decode_s = time.perf_counter() - start
-        return [_trim(row, eos) for row in generated.tolist()], stats
+        return [trim_at_eos(row, eos) for row in generated.tolist()], stats
 
 
-def _trim(row: list[int], eos: np.ndarray) -> list[int]:
+def trim_at_eos(row: list[int], eos) -> list[int]:
+    """``row`` up to and including its first token in ``eos`` (any container of ids)."""
     for i, token in enumerate(row):
         if token in eos:
             return row[: i + 1]
