@@ -1,4 +1,5 @@
-"""`moerun bench`: Hugging Face eager and moerun's fp32/int8/int4 exports of one checkpoint, side by side.
+"""`moerun bench`: Hugging Face eager, the generic ONNX export, and moerun's fp32/int8/int4 exports of
+one checkpoint, side by side.
 
 Each measurement runs in its own process (so peak RSS is that variant's own), variants are
 interleaved and repeated, and medians are reported with min..max: these machines are noisy.
@@ -20,7 +21,7 @@ import numpy as np
 
 __all__ = ["VARIANTS", "Record", "run_bench"]
 
-VARIANTS = ("hf", "fp32", "int8", "int4")
+VARIANTS = ("hf", "generic", "fp32", "int8", "int4")
 FIELDS = ("prefill_tok_s", "decode_tok_s", "ttft_ms", "peak_rss_mb")
 
 
@@ -127,6 +128,34 @@ def decode_bytes_per_token(model_dir: Path) -> float:
     return total - expert + expert * manifest.experts_per_token / manifest.num_experts
 
 
+def export_generic(checkpoint: Path, fp32_dir: Path, output: Path) -> Path:
+    """The baseline moerun replaces: torch.onnx (dynamo) of the Hugging Face model as it is, experts as
+    ``experts_implementation="batched_mm"`` (gathers each token's expert matrices), no fusion."""
+    import shutil
+
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from .converter.architectures import adapter_for
+    from .converter.export import export_decoder
+    from .converter.output import save_model
+    from .converter.passes import PinIrVersion
+    from .runtime import Manifest
+
+    manifest = Manifest.load(fp32_dir)
+    config = AutoConfig.from_pretrained(checkpoint)
+    adapter = adapter_for(config)
+    model = AutoModelForCausalLM.from_pretrained(checkpoint, config=config, experts_implementation="batched_mm",
+                                                 attn_implementation=adapter.attn_implementation).eval()
+    graph = PinIrVersion()(export_decoder(model, adapter.kv_shape(config))).model
+    if output.exists():
+        shutil.rmtree(output)
+    output.mkdir(parents=True)
+    save_model(graph, output)
+    manifest.moe_layers, manifest.passes, manifest.fusions = 0, ["generic export (batched_mm)"], {}
+    manifest.save(output)
+    return output
+
+
 def _measure(kind: str, path: Path, batch: int, length: int, new_tokens: int, threads: int | None) -> dict:
     cmd = [sys.executable, "-m", "moerun.bench", kind, str(path), str(batch), str(length), str(new_tokens),
            str(threads or 0)]
@@ -150,6 +179,9 @@ def run_bench(checkpoint: Path, batches: list[int], prompt_lens: list[int], new_
         if any(v != "hf" for v in variants):
             stage("convert fp32")
             dirs["fp32"] = convert(checkpoint, root / "fp32", overwrite=True).output
+        if "generic" in variants:
+            stage("generic export (batched_mm)")
+            dirs["generic"] = export_generic(checkpoint, dirs["fp32"], root / "generic")
         for bits in (8, 4):
             if f"int{bits}" in variants:
                 stage(f"quantize int{bits}")
@@ -167,7 +199,7 @@ def run_bench(checkpoint: Path, batches: list[int], prompt_lens: list[int], new_
                             _measure(v, dirs[v], batch, length, new_tokens, threads))
         records = []
         for (v, batch, length), runs in samples.items():
-            onnx_dir = dirs["fp32"] if v == "hf" else dirs[v]
+            onnx_dir = dirs["fp32"] if v in ("hf", "generic") else dirs[v]  # same weights as fp32
             file_mb = (sum(f.stat().st_size for f in dirs[v].glob("*.safetensors")) if v == "hf"
                        else sum(f.stat().st_size for f in dirs[v].glob("model.onnx*"))) / 2**20
             per_token = decode_bytes_per_token(onnx_dir)  # HF eager reads the same weights as fp32

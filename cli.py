@@ -303,8 +303,9 @@ def _ints(value: str) -> list[int]:
 @click.option("--batch", default="1,4", show_default=True, help="Batch sizes, comma-separated.")
 @click.option("--prompt-len", default="128", show_default=True, help="Prompt lengths, comma-separated.")
 @click.option("--new-tokens", type=click.IntRange(min=2), default=64, show_default=True)
-@click.option("--variants", default="hf,fp32,int8,int4", show_default=True,
-              help="Any of hf (PyTorch eager), fp32, int8 (per row), int4 (block 64).")
+@click.option("--variants", default="hf,generic,fp32,int8,int4", show_default=True,
+              help="Any of hf (PyTorch eager), generic (torch.onnx, batched_mm experts), fp32, int8 (per row), "
+                   "int4 (block 64).")
 @click.option("--repeats", type=click.IntRange(min=1), default=5, show_default=True,
               help="Interleaved rounds; medians with min..max are reported.")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="Threads for every variant.")

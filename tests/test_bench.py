@@ -17,7 +17,7 @@ def test_bench_quick_writes_every_field(tmp_path):
     result = run_cli("bench", str(ckpt), "--quick", "--json", str(out), "--markdown", str(tmp_path / "bench.md"))
     assert result.returncode == 0, result.stderr
     records = json.loads(out.read_text())
-    assert [r["variant"] for r in records] == ["hf", "fp32", "int8", "int4"]
+    assert [r["variant"] for r in records] == ["hf", "generic", "fp32", "int8", "int4"]
     names = {f.name for f in fields(Record)}
     for r in records:
         assert set(r) == names
