@@ -16,7 +16,7 @@ from .architectures import adapter_for
 from .export import export_decoder
 from .export_seq2seq import export_seq2seq
 from .output import check_output, copy_side_files, save_model, staged_directory
-from .passes import CheckFusedMoE, OrtFusions, PinIrVersion
+from .passes import CheckFusedMoE, OrtFusions, PinIrVersion, ToFloat16
 from .quantize import QuantizeOptions, apply_quantization
 from .sources import open_checkpoint
 
@@ -120,11 +120,14 @@ def convert(
             raise MoerunError(f"cannot quantize this model's experts: {e}") from None
     stage = _Stages(on_stage)
     stage("load model")
-    model = checkpoint.load_model(dtype, adapter.attn_implementation)
+    seq2seq = getattr(adapter, "seq2seq", False)
+    # Encoder-decoders are exported in fp32 and converted by ONNX Runtime's float16 converter: their
+    # PyTorch code has data-dependent fp16-only branches (inf clamping) that torch.export cannot trace.
+    fp16_after = seq2seq and dtype == "fp16"
+    model = checkpoint.load_model("fp32" if fp16_after else dtype, adapter.attn_implementation)
     eos, pad, bos = _special_tokens(model)
     pad_for_verify = pad if pad is not None else (eos[0] if eos else 0)
     ref = None
-    seq2seq = getattr(adapter, "seq2seq", False)
     if verify:
         stage("reference outputs (PyTorch)")
         adapter.prepare_reference(model)
@@ -149,7 +152,8 @@ def convert(
     stage("graph passes")
     fusion_counts: dict[str, int] = {}
     for name, (onnx_model, expected) in graphs.items():
-        passes = ([OrtFusions()] if fusions else []) + [PinIrVersion(), CheckFusedMoE(expected)]
+        passes = ([OrtFusions()] if fusions else []) + ([ToFloat16()] if fp16_after else [])
+        passes += [PinIrVersion(), CheckFusedMoE(expected)]
         for p in passes:
             onnx_model = p(onnx_model).model
         graphs[name] = onnx_model

@@ -198,3 +198,14 @@ def test_translate_cli_reads_stdin_and_writes_stdout_in_order(nllb_with_tokenize
     assert "input tok/s" in r.stderr
     bad = run_cli("translate", str(onnx), "--src", "eng_Latn", "--tgt", "klingon", stdin="hi\n")
     assert bad.returncode == 1 and "unknown language code 'klingon'" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_fp16_export_of_an_encoder_decoder(seq2seq_checkpoints, tmp_path):
+    """fp16 goes through ONNX Runtime's float16 converter (the PyTorch fp16 path has data-dependent
+    branches torch.export cannot trace); --verify holds it to fp32 PyTorch within 5e-2."""
+    from moerun.converter.convert import convert
+
+    result = convert(seq2seq_checkpoints["nllb_moe"], tmp_path / "fp16", dtype="fp16", verify=True)
+    assert result.report.max_abs < 5e-2 and result.report.greedy_agreement == 1.0
+    model = MoEModel.load(tmp_path / "fp16")
+    assert model.manifest.dtype == "fp16" and model.runner.kv_dtype.__name__ == "float16"
