@@ -106,10 +106,14 @@ class FairseqCheckpoint:
         if missing:
             raise CheckpointError(f"{self.path}: no weights for {', '.join(missing[:3])}"
                                   f"{' and more' if len(missing) > 3 else ''}")
-        for name, buffer in model.named_buffers():  # sinusoidal positions are not in the checkpoint
+        for name, buffer in list(model.named_buffers()):  # sinusoidal positions are not in the checkpoint
             if buffer.is_meta:
-                module = model.get_submodule(name.rpartition(".")[0])
-                module.make_weights(module.num_positions + module.offset, module.embedding_dim, module.padding_idx)
+                module_name, _, attr = name.rpartition(".")
+                module = model.get_submodule(module_name)
+                if not hasattr(module, "get_embedding"):
+                    raise CheckpointError(f"{self.path}: no values for the buffer {name}")
+                setattr(module, attr, module.get_embedding(module.num_positions + module.offset,
+                                                           module.embedding_dim, module.padding_idx))
         torch_dtype = {"fp32": torch.float32, "fp16": torch.float16}[dtype]
         return model.to(torch_dtype).eval()
 
