@@ -1,7 +1,9 @@
 """The model directory's tokenizer, through the `tokenizers` library.
 
 transformers' AutoTokenizer wraps the same tokenizer.json, but in transformers 5 importing it
-imports torch, which a serving host must not need; so the runtime reads tokenizer.json directly.
+imports torch, which a serving host must not need; so the runtime reads tokenizer.json directly, and
+from tokenizer_config.json (special_tokens_map.json in older saves) what the transformers class adds:
+NLLB's source template and language codes, and the decode clean-up.
 """
 
 from __future__ import annotations
@@ -12,57 +14,94 @@ from pathlib import Path
 
 from tokenizers import Tokenizer as _HFTokenizer
 
-from .errors import ModelDirError, MoerunError
+from .errors import ModelDirError, UnsupportedModelError
 
 __all__ = ["Tokenizer"]
 
 # NLLB's (FLORES-200) language codes: ISO 639-3 + ISO 15924 script, e.g. eng_Latn, zho_Hans.
 _LANGUAGE_CODE = re.compile(r"^[a-z]{3}_[A-Z][a-z]{3}$")
+_DEFAULT_SRC_LANG = "eng_Latn"  # NllbTokenizer's source language when tokenizer_config.json names none
+_EXAMPLE_LANGUAGES = ("eng_Latn", "fra_Latn", "deu_Latn", "zho_Hans")
+# transformers' clean_up_tokenization: spaces a word-level detokenizer leaves before punctuation
+_CLEAN_UP = ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"), (" 'm", "'m"),
+             (" 's", "'s"), (" 've", "'ve"), (" 're", "'re"))
 
 
 def _content(token) -> str | None:
     return token.get("content") if isinstance(token, dict) else token
 
 
+def _read_json(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
 class Tokenizer:
+    """tokenizer.json plus what transformers' tokenizer class does around it, for the families moerun serves:
+    plain templates (Mixtral, T5/Switch: pieces </s>) and NLLB's language-code template."""
+
     def __init__(self, directory: str | Path) -> None:
-        path = Path(directory) / "tokenizer.json"
+        directory = Path(directory)
+        path = directory / "tokenizer.json"
         if not path.is_file():
             raise ModelDirError(f"{directory}: no tokenizer.json; pass token ids instead of text")
         self._tok = _HFTokenizer.from_file(str(path))
-        config_file = Path(directory) / "tokenizer_config.json"
-        self.config = json.loads(config_file.read_text()) if config_file.is_file() else {}
-        specials = self.config.get("extra_special_tokens") or self.config.get("additional_special_tokens") or []
-        self.languages = [t for t in map(_content, specials) if t and _LANGUAGE_CODE.match(t)]
-        eos = _content(self.config.get("eos_token")) or "</s>"
+        self.config = _read_json(directory / "tokenizer_config.json")
+        special_map = _read_json(directory / "special_tokens_map.json")
+        # The codes are added tokens of tokenizer.json, whatever the config lists them as (additional_special_tokens
+        # before transformers 5, extra_special_tokens since, or nothing): tokenizer.json alone decides their ids.
+        added = self._tok.get_added_tokens_decoder()
+        self._language_ids = {added[i].content: i for i in sorted(added) if _LANGUAGE_CODE.match(added[i].content)}
+        self.languages: list[str] = list(self._language_ids)
+        self.is_nllb = bool(self.languages) or str(self.config.get("tokenizer_class", "")).startswith("Nllb")
+        eos = _content(self.config.get("eos_token") or special_map.get("eos_token")) or "</s>"
         self.eos_id = self._tok.token_to_id(eos)
+        # transformers 5 cleans up only where the config asks and the model is not BPE (NLLB is BPE, T5 Unigram).
+        self._clean_up = bool(self.config.get("clean_up_tokenization_spaces")) and (
+            type(self._tok.model).__name__ != "BPE"
+            or bool(self.config.get("clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output")))
 
     def encode_source(self, text: str, src_lang: str | None = None) -> list[int]:
-        """A source sentence as the original tokenizer encodes it. NLLB: [src_lang] pieces </s>
-        (its legacy_behaviour: pieces </s> [src_lang]); other models: their own template (T5: pieces </s>)."""
-        if not self.languages:
+        """A source sentence as transformers' tokenizer encodes it. NLLB: [src_lang] pieces </s> (legacy_behaviour:
+        pieces </s> [src_lang]), src_lang defaulting to the config's, else eng_Latn; T5/Switch: pieces </s>."""
+        if not self.is_nllb:
+            if src_lang is not None:
+                self.lang_id(src_lang)  # raises: this tokenizer has no language codes
             return self._tok.encode(text, add_special_tokens=True).ids
-        lang = self.lang_id(src_lang or self.config.get("src_lang") or "eng_Latn")
+        lang = self.lang_id(src_lang or self.config.get("src_lang") or _DEFAULT_SRC_LANG)
         pieces = self._tok.encode(text, add_special_tokens=False).ids
         if self.config.get("legacy_behaviour"):
             return [*pieces, self.eos_id, lang]
         return [lang, *pieces, self.eos_id]
 
     def lang_id(self, code: str) -> int:
-        """The token id of a language code (NLLB: the target language is the forced first token)."""
-        token_id = self._tok.token_to_id(code) if code in self.languages else None
-        if token_id is None and not self.languages:
-            raise MoerunError(f"language code {code!r} given, but this model's tokenizer has no language codes")
-        if token_id is None:
-            raise MoerunError(f"unknown language code {code!r}; this tokenizer knows {len(self.languages)} "
-                              f"(e.g. {', '.join(self.languages[:5])})")
-        return token_id
+        """The token id of a language code (NLLB: the target language is the forced first generated token)."""
+        if code in self._language_ids:
+            return self._language_ids[code]
+        if self.is_nllb and not self.languages:
+            raise UnsupportedModelError(
+                f"language code {code!r} given, but this NLLB tokenizer.json has no language codes; re-save the "
+                "tokenizer with them (transformers 5: NllbTokenizer.from_pretrained(..., extra_special_tokens="
+                "FAIRSEQ_LANGUAGE_CODES) when building it from a sentencepiece model)")
+        if not self.languages:
+            raise UnsupportedModelError(f"language code {code!r} given, but this model's tokenizer has no language "
+                                        "codes; leave the source and target language out")
+        close = [c for c in self.languages if code and c.lower().startswith(code.lower())][:5]
+        hint = f"did you mean {' or '.join(close)}? " if close else ""
+        examples = [c for c in _EXAMPLE_LANGUAGES if c in self._language_ids] or self.languages[:4]
+        raise UnsupportedModelError(f"unknown language code {code!r}; {hint}this model knows {len(self.languages)} "
+                                    f"language_Script codes (e.g. {', '.join(examples)})")
 
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(text, add_special_tokens=True).ids
 
     def decode(self, ids: list[int]) -> str:
-        return self._tok.decode(list(ids), skip_special_tokens=True)
+        """Text without special tokens (pads, </s>, language codes), clean-up included: what transformers'
+        decode(..., skip_special_tokens=True) gives."""
+        text = self._tok.decode(list(ids), skip_special_tokens=True)
+        if self._clean_up:
+            for before, after in _CLEAN_UP:
+                text = text.replace(before, after)
+        return text
 
     def token_id(self, token: str) -> int | None:
         return self._tok.token_to_id(token)

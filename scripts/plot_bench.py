@@ -40,7 +40,8 @@ def plot(records: list[dict], out: Path, title: str) -> None:
             r = by.get((v, key))
             if r is None:
                 continue
-            lo, hi = (r.get("spread") or {}).get(field, [r[field], r[field]])
+            spread = r.get("spread") or {}  # {field: [lo, hi]} (moerun bench) or [lo, hi] (translation)
+            lo, hi = spread if isinstance(spread, list) else spread.get(field, [r[field], r[field]])
             base = by.get(("hf", key))
             xs.append(g + (i - (len(variants) - 1) / 2) * width)
             ys.append(r[field])
