@@ -34,7 +34,9 @@ class QuantizeOptions:
     method: str = "mse"
     dense: str = "none"
     fp16: bool = False
-    accuracy_level: int | None = None
+    # 4: int8 activations in the CPU kernel. Measured: int4 decode 2x faster on the GPT-OSS anchor, and
+    # on the trained fixture +0.11% perplexity vs +0.13% without it (README). CUDA ignores it.
+    accuracy_level: int | None = 4
 
     def __post_init__(self) -> None:
         if self.bits not in (4, 8):
@@ -61,7 +63,7 @@ class QuantizeOptions:
         parts += ["asym"] if self.scheme == "asymmetric" else []
         parts += [f"dense-{self.dense}"] if self.dense != "none" else []
         parts += ["fp16"] if self.fp16 else []
-        parts += [f"acc{self.accuracy_level}"] if self.accuracy_level is not None else []
+        parts += [f"acc{self.accuracy_level}"] if self.accuracy_level else []
         return "-".join(parts)
 
 

@@ -26,11 +26,12 @@ HELDOUT_CHARS = 60_000
 
 # The grid the report always measures; the user's own choice is added when it is not one of these.
 STANDARD_VARIANTS = [
-    QuantizeOptions(bits=8, block_size=0, method="rtn"),
-    QuantizeOptions(bits=8, block_size=64, method="rtn"),
-    *[QuantizeOptions(bits=4, block_size=b, method=m) for b in (0, 32, 64, 128) for m in ("rtn", "mse")],
-    QuantizeOptions(bits=4, block_size=64, method="mse", scheme="asymmetric"),
-    QuantizeOptions(bits=4, block_size=64, method="mse", accuracy_level=4),
+    QuantizeOptions(bits=8, block_size=0, method="rtn", accuracy_level=0),
+    QuantizeOptions(bits=8, block_size=64, method="rtn", accuracy_level=0),
+    *[QuantizeOptions(bits=4, block_size=b, method=m, accuracy_level=0) for b in (0, 32, 64, 128)
+      for m in ("rtn", "mse")],
+    QuantizeOptions(bits=4, block_size=64, method="mse", scheme="asymmetric", accuracy_level=0),
+    QuantizeOptions(bits=4, block_size=64, method="mse"),  # the default: accuracy_level 4
     QuantizeOptions(bits=4, block_size=64, method="mse", dense="int4"),
     QuantizeOptions(bits=4, block_size=64, method="mse", fp16=True),
     QuantizeOptions(bits=4, block_size=64, method="mse", dense="int4", fp16=True),

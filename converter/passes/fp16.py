@@ -24,6 +24,7 @@ class ToFloat16(ir.passes.FunctionalPass):
         self.kept_fp32: list[str] = []
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
+        ir.external_data.load_to_model(model)  # the converter reads protos: tensors must be in memory
         proto = ir.serde.serialize_model(model)
         self.kept_fp32 = sorted({n.op_type for n in proto.graph.node} & set(DEFAULT_OP_BLOCK_LIST))
         converted = convert_float_to_float16(proto, keep_io_types=False, disable_shape_infer=True)

@@ -29,6 +29,7 @@ class QuantizeDense(ir.passes.FunctionalPass):
         before = {n.name for n in model.graph if n.op_type == "MatMul"}
         config = DefaultWeightOnlyQuantConfig(block_size=self.block_size, is_symmetric=self.symmetric,
                                               accuracy_level=self.accuracy_level, bits=self.bits)
+        ir.external_data.load_to_model(model)  # the quantizer reads protos: tensors must be in memory
         quantizer = MatMulNBitsQuantizer(ir.serde.serialize_model(model), algo_config=config)
         quantizer.process()
         result = ir.serde.deserialize_model(quantizer.model.model)

@@ -87,7 +87,7 @@ class QuantizeExperts(ir.passes.InPlacePass):
         attributes.update(expert_weight_bits=spec.bits, weights_prepacked=0)
         if spec.block_size:
             attributes["block_size"] = spec.block_size
-        if self.accuracy_level is not None:
+        if self.accuracy_level:
             attributes["accuracy_level"] = self.accuracy_level
         inputs = [node.inputs[0], node.inputs[1], w1, s1, _input(node, _FC1_BIAS), w2, s2, _input(node, _FC2_BIAS),
                   None, None, None]
