@@ -19,9 +19,11 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["VARIANTS", "Record", "run_bench"]
+__all__ = ["BASELINES", "EXPORTS", "VARIANTS", "Record", "run_bench"]
 
-VARIANTS = ("hf", "generic", "fp32", "int8", "int4")
+BASELINES = ("hf", "generic", "genai")
+EXPORTS = ("fp32", "int8", "int4")
+VARIANTS = BASELINES + EXPORTS
 FIELDS = ("prefill_tok_s", "decode_tok_s", "ttft_ms", "peak_rss_mb")
 
 
@@ -41,6 +43,7 @@ class Record:
     bound_pct: float | None  # batch 1 only: % of the bandwidth bound reached
     runs: int
     spread: dict
+    hf_agreement: float | None = None  # share of greedy tokens equal to Hugging Face's (same prompts)
 
 
 def _prompts(vocab: int, batch: int, length: int) -> list[list[int]]:
@@ -55,10 +58,10 @@ def _worker_onnx(model_dir: str, batch: int, length: int, new_tokens: int, threa
     model.manifest.eos_token_id = []  # exactly new_tokens steps
     prompts = _prompts(model.manifest.vocab_size, batch, length)
     model.generate_ids(prompts, 2)  # warm-up
-    model.generate_ids(prompts, new_tokens)
+    tokens = model.generate_ids(prompts, new_tokens)
     s = model.last_stats
     return {"prefill_tok_s": s.prefill_tokens_per_s, "decode_tok_s": s.decode_tokens_per_s,
-            "ttft_ms": s.prefill_s * 1000}
+            "ttft_ms": s.prefill_s * 1000, "tokens": tokens}
 
 
 def _worker_hf(checkpoint: str, batch: int, length: int, new_tokens: int, threads: int | None) -> dict:
@@ -70,22 +73,23 @@ def _worker_hf(checkpoint: str, batch: int, length: int, new_tokens: int, thread
     model = AutoModelForCausalLM.from_pretrained(checkpoint).eval()
     ids = torch.tensor(_prompts(model.config.vocab_size, batch, length))
 
-    def run(steps: int) -> tuple[float, float]:
+    def run(steps: int) -> tuple[float, float, list]:
         with torch.no_grad():
             start = time.perf_counter()
             out = model(input_ids=ids, use_cache=True)
             token = out.logits[:, -1].argmax(-1, keepdim=True)
             prefill = time.perf_counter() - start
-            cache, start = out.cache, time.perf_counter()
+            cache, start, tokens = out.cache, time.perf_counter(), [token]
             for _ in range(steps - 1):
                 out = model(input_ids=token, cache=cache, use_cache=True)
                 cache, token = out.cache, out.logits[:, -1].argmax(-1, keepdim=True)
-            return prefill, time.perf_counter() - start
+                tokens.append(token)
+            return prefill, time.perf_counter() - start, torch.cat(tokens, dim=1).tolist()
 
     run(2)  # warm-up
-    prefill, decode = run(new_tokens)
+    prefill, decode, tokens = run(new_tokens)
     return {"prefill_tok_s": batch * length / prefill, "decode_tok_s": batch * (new_tokens - 1) / decode,
-            "ttft_ms": prefill * 1000}
+            "ttft_ms": prefill * 1000, "tokens": tokens}
 
 
 def worker(argv: list[str]) -> None:
@@ -112,20 +116,25 @@ def measured_bandwidth_gb_s(size_mb: int = 256, repeats: int = 5) -> float:
 
 
 def decode_bytes_per_token(model_dir: Path) -> float:
-    """Weight bytes one batch-1 decode step reads: everything but the experts, plus k/E of them."""
-    import onnx
+    """Weight bytes one batch-1 decode step reads: k/E of the experts, one row of each embedding table
+    (a Gather), everything else whole."""
+    import onnx_ir as ir
 
     from .runtime import Manifest
 
     manifest = Manifest.load(model_dir)
-    model = onnx.load(model_dir / manifest.model_file, load_external_data=False)
-    moe_inputs = {i for n in model.graph.node if n.op_type in ("MoE", "QMoE") for i in list(n.input)[2:]}
-    total = expert = 0.0
-    for init in model.graph.initializer:
-        size = len(init.raw_data) or onnx.numpy_helper.to_array(init).nbytes
+    graph = ir.load(model_dir / manifest.model_file).graph  # external data stays on disk
+    experts = {v.name for n in graph if n.op_type in ("MoE", "QMoE") for v in n.inputs[2:] if v is not None}
+    gathered = {n.inputs[0].name for n in graph if n.op_type == "Gather"}
+    total = 0.0
+    for value in graph.initializers.values():
+        size = value.const_value.nbytes
+        if value.name in experts:
+            size *= manifest.experts_per_token / manifest.num_experts
+        elif value.name in gathered:
+            size /= value.shape[0]
         total += size
-        expert += size if init.name in moe_inputs else 0
-    return total - expert + expert * manifest.experts_per_token / manifest.num_experts
+    return total
 
 
 def export_generic(checkpoint: Path, fp32_dir: Path, output: Path) -> Path:
@@ -140,6 +149,7 @@ def export_generic(checkpoint: Path, fp32_dir: Path, output: Path) -> Path:
     from .converter.output import save_model
     from .converter.passes import PinIrVersion
     from .runtime import Manifest
+    from .runtime.manifest import decoder_io_names
 
     manifest = Manifest.load(fp32_dir)
     config = AutoConfig.from_pretrained(checkpoint)
@@ -152,11 +162,18 @@ def export_generic(checkpoint: Path, fp32_dir: Path, output: Path) -> Path:
     output.mkdir(parents=True)
     save_model(graph, output)
     manifest.moe_layers, manifest.passes, manifest.fusions = 0, ["generic export (batched_mm)"], {}
+    manifest.attention = "traced"
+    manifest.inputs, manifest.outputs = decoder_io_names(manifest.num_layers)
     manifest.save(output)
     return output
 
 
-def _measure(kind: str, path: Path, batch: int, length: int, new_tokens: int, threads: int | None) -> dict:
+def _measure(kind: str, path: Path, batch: int, length: int, new_tokens: int, threads: int | None,
+             genai_python: Path | None = None) -> dict:
+    if kind == "genai":
+        from .genai import measure_genai
+
+        return measure_genai(path, batch, length, new_tokens, threads, genai_python)
     cmd = [sys.executable, "-m", "moerun.bench", kind, str(path), str(batch), str(length), str(new_tokens),
            str(threads or 0)]
     proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -182,10 +199,17 @@ def run_bench(checkpoint: Path, batches: list[int], prompt_lens: list[int], new_
         if "generic" in variants:
             stage("generic export (batched_mm)")
             dirs["generic"] = export_generic(checkpoint, dirs["fp32"], root / "generic")
+        genai_py = None
+        if "genai" in variants:
+            from .genai import export_genai, genai_python
+
+            genai_py = genai_python(stage)
+            stage("onnxruntime-genai builder export (fp32)")
+            dirs["genai"] = export_genai(checkpoint, root / "genai", genai_py)
         for bits in (8, 4):
             if f"int{bits}" in variants:
                 stage(f"quantize int{bits}")
-                opts = QuantizeOptions(bits=bits, block_size=0 if bits == 8 else 64)
+                opts = QuantizeOptions(bits=bits)  # the defaults: block 64, accuracy_level 4
                 dirs[f"int{bits}"] = quantize_model(dirs["fp32"], root / f"int{bits}", opts, overwrite=True).output
         stage("measure memory bandwidth")
         bandwidth = measured_bandwidth_gb_s()
@@ -196,21 +220,28 @@ def run_bench(checkpoint: Path, batches: list[int], prompt_lens: list[int], new_
                     for v in variants:  # interleaved: every variant once per round
                         stage(f"round {r + 1}/{repeats}: {v}, batch {batch}, prompt {length}")
                         samples.setdefault((v, batch, length), []).append(
-                            _measure(v, dirs[v], batch, length, new_tokens, threads))
+                            _measure(v, dirs[v], batch, length, new_tokens, threads, genai_py))
         records = []
         for (v, batch, length), runs in samples.items():
-            onnx_dir = dirs["fp32"] if v in ("hf", "generic") else dirs[v]  # same weights as fp32
+            onnx_dir = dirs["fp32"] if v in BASELINES else dirs[v]  # baselines: fp32's weights
             file_mb = (sum(f.stat().st_size for f in dirs[v].glob("*.safetensors")) if v == "hf"
                        else sum(f.stat().st_size for f in dirs[v].glob("model.onnx*"))) / 2**20
             per_token = decode_bytes_per_token(onnx_dir)  # HF eager reads the same weights as fp32
             bound = bandwidth * 1e9 / per_token
             med = {f: statistics.median(x[f] for x in runs) for f in FIELDS}
             spread = {f: [min(x[f] for x in runs), max(x[f] for x in runs)] for f in FIELDS}
+            hf = samples.get(("hf", batch, length))
             records.append(Record(v, batch, length, new_tokens, med["prefill_tok_s"], med["decode_tok_s"],
                                   med["ttft_ms"], med["peak_rss_mb"], file_mb, per_token, bound,
                                   100 * med["decode_tok_s"] / bound if batch == 1 else None,
-                                  len(runs), spread))
+                                  len(runs), spread, _agreement(runs[0]["tokens"], hf[0]["tokens"]) if hf else None))
         return records
+
+
+def _agreement(tokens: list[list[int]], reference: list[list[int]]) -> float:
+    """Share of positions where two greedy runs on the same prompts chose the same token."""
+    pairs = [(a, b) for x, y in zip(tokens, reference) for a, b in zip(x, y)]
+    return sum(a == b for a, b in pairs) / max(len(pairs), 1)
 
 
 def write_json(records: list[Record], path: Path) -> None:
@@ -221,16 +252,17 @@ def markdown(records: list[Record]) -> str:
     """The side-by-side table, with decode and prefill speed-ups over Hugging Face eager."""
     base = {(r.batch, r.prompt_len): r for r in records if r.variant == "hf"}
     lines = ["| variant | batch | prompt | decode tok/s | vs HF | prefill tok/s | vs HF | TTFT ms | peak RSS MB | "
-             "file MB | % of bandwidth bound |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "file MB | % of bandwidth bound | greedy = HF |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in records:
         hf = base.get((r.batch, r.prompt_len))
         dec = f"{r.decode_tok_s / hf.decode_tok_s:.2f}x" if hf else ""
         pre = f"{r.prefill_tok_s / hf.prefill_tok_s:.2f}x" if hf else ""
         pct = f"{r.bound_pct:.0f}%" if r.bound_pct is not None else ""
+        same = f"{100 * r.hf_agreement:.0f}%" if r.hf_agreement is not None else ""
         lo, hi = r.spread["decode_tok_s"]
         lines.append(f"| {r.variant} | {r.batch} | {r.prompt_len} | {r.decode_tok_s:.1f} ({lo:.1f}..{hi:.1f}) | {dec} "
                      f"| {r.prefill_tok_s:.0f} | {pre} | {r.ttft_ms:.1f} | {r.peak_rss_mb:.0f} | {r.file_mb:.1f} "
-                     f"| {pct} |")
+                     f"| {pct} | {same} |")
     return "\n".join(lines) + "\n"
 
 

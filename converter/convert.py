@@ -13,6 +13,7 @@ from ..runtime.errors import MoerunError
 from ..runtime.manifest import decoder_io_names, seq2seq_io_names
 from . import verify as verify_mod
 from .architectures import adapter_for
+from .attention import unfusable_reason
 from .export import export_decoder
 from .export_seq2seq import export_seq2seq
 from .output import check_output, copy_side_files, save_model, staged_directory
@@ -126,6 +127,11 @@ def convert(
     fp16_after = seq2seq and dtype == "fp16"
     model = checkpoint.load_model("fp32" if fp16_after else dtype, adapter.attn_implementation)
     eos, pad, bos = _special_tokens(model)
+    # One GroupQueryAttention per layer where the family and this model's shape allow it.
+    fused_attention = fusions and adapter.fused_attention and not seq2seq
+    if fused_attention and (reason := unfusable_reason(model)):
+        log.info("attention stays traced: %s", reason)
+        fused_attention = False
     pad_for_verify = pad if pad is not None else (eos[0] if eos else 0)
     ref = None
     if verify:
@@ -134,7 +140,7 @@ def convert(
         if seq2seq:
             ref = verify_mod.reference_seq2seq(model, eos, pad_for_verify, _decoder_start(model))
         else:
-            ref = verify_mod.reference(model, eos, pad_for_verify)
+            ref = verify_mod.reference(model, eos, pad_for_verify, right_padded=fused_attention)
     stage("fuse MoE blocks")
     swapped = adapter.swap_moe_blocks(model)
     stage("export ONNX")
@@ -147,8 +153,8 @@ def convert(
         inputs, outputs = seq2seq_io_names(num_layers)["decoder"]
     else:
         num_layers = config.num_hidden_layers
-        graphs = {"model.onnx": (export_decoder(model, kv), len(swapped))}
-        inputs, outputs = decoder_io_names(num_layers)
+        graphs = {"model.onnx": (export_decoder(model, kv, fused_attention), len(swapped))}
+        inputs, outputs = decoder_io_names(num_layers, positions=not fused_attention)
     stage("graph passes")
     fusion_counts: dict[str, int] = {}
     for name, (onnx_model, expected) in graphs.items():
@@ -182,6 +188,7 @@ def convert(
         experts_per_token=adapter.experts_per_token(config),
         moe_layers=len(swapped),
         dtype=dtype,
+        attention="gqa" if fused_attention else "traced",
         inputs=inputs,
         outputs=outputs,
         passes=[type(p).__name__ for p in passes],

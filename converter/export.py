@@ -15,9 +15,11 @@ import torch
 from torch import nn
 from transformers import DynamicCache
 
+from ..custom_ops.gqa_op import ONNX_TRANSLATION as GQA_TRANSLATION
 from ..custom_ops.torch_op import ONNX_TRANSLATION
 from ..runtime.errors import ExportError
 from ..runtime.manifest import decoder_io_names
+from .attention import DecoderWithFusedAttention
 
 __all__ = ["DecoderWithCache", "KVShape", "export_decoder", "kv_shape"]
 
@@ -69,7 +71,7 @@ class DecoderWithCache(nn.Module):
         return (out.logits, *presents)
 
 
-def _sample_inputs(config, kv: KVShape, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+def _sample_inputs(config, kv: KVShape, dtype: torch.dtype, positions: bool) -> tuple[torch.Tensor, ...]:
     g = torch.Generator().manual_seed(0)
     input_ids = torch.randint(0, config.vocab_size, (_BATCH, _SEQ), generator=g)
     attention_mask = torch.ones(_BATCH, _PAST + _SEQ, dtype=torch.int64)
@@ -78,10 +80,10 @@ def _sample_inputs(config, kv: KVShape, dtype: torch.dtype) -> tuple[torch.Tenso
         torch.randn(_BATCH, kv.heads, _PAST, dim, generator=g).to(dtype)
         for _ in range(config.num_hidden_layers) for dim in (kv.key_dim, kv.value_dim)
     )
-    return (input_ids, attention_mask, position_ids, *past)
+    return (input_ids, attention_mask, *([position_ids] if positions else []), *past)
 
 
-def _name_dynamic_dims(model: ir.Model, num_layers: int) -> None:
+def _name_dynamic_dims(model: ir.Model, num_layers: int, present_length: str) -> None:
     """Give the symbolic dims readable names: batch_size, sequence_length, past_sequence_length, ..."""
     names = {"input_ids": ("batch_size", "sequence_length"),
              "attention_mask": ("batch_size", "total_sequence_length"),
@@ -90,7 +92,7 @@ def _name_dynamic_dims(model: ir.Model, num_layers: int) -> None:
     for i in range(num_layers):
         for kv in ("key", "value"):
             names[f"past_key_values.{i}.{kv}"] = ("batch_size", None, "past_sequence_length", None)
-            names[f"present.{i}.{kv}"] = ("batch_size", None, "total_sequence_length", None)
+            names[f"present.{i}.{kv}"] = ("batch_size", None, present_length, None)
     for value in [*model.graph.inputs, *model.graph.outputs]:
         dims = names.get(value.name)
         if dims is None or value.shape is None:
@@ -100,36 +102,43 @@ def _name_dynamic_dims(model: ir.Model, num_layers: int) -> None:
         ])
 
 
-def export_decoder(model: nn.Module, kv: KVShape) -> ir.Model:
-    """Export a decoder whose MoE blocks are already fused; returns the ONNX model in memory."""
+def export_decoder(model: nn.Module, kv: KVShape, fused_attention: bool = False) -> ir.Model:
+    """Export a decoder whose MoE blocks are already fused; returns the ONNX model in memory.
+
+    ``fused_attention``: one GroupQueryAttention node per layer (``converter.attention``); the graph
+    then takes no position_ids and its attention_mask is right-padded.
+    """
     config = model.config
     layers = config.num_hidden_layers
-    input_names, output_names = decoder_io_names(layers)
+    input_names, output_names = decoder_io_names(layers, positions=not fused_attention)
     dtype = next(model.parameters()).dtype
     batch, seq, past_len = torch.export.Dim("batch"), torch.export.Dim("seq"), torch.export.Dim("past")
     kv_dims = {0: batch, 2: past_len}
     dynamic_shapes = (
         {0: batch, 1: seq},
         {0: batch, 1: torch.export.Dim.AUTO},
-        {0: batch, 1: seq},
+        *([] if fused_attention else [{0: batch, 1: seq}]),
         tuple(kv_dims for _ in range(2 * layers)),
     )
-    wrapper = DecoderWithCache(model).eval()
+    if fused_attention:
+        wrapper = DecoderWithFusedAttention(model, config.max_position_embeddings).eval()
+    else:
+        wrapper = DecoderWithCache(model).eval()
     try:
         with torch.no_grad():
             program = torch.onnx.export(
                 wrapper,
-                _sample_inputs(config, kv, dtype),
+                _sample_inputs(config, kv, dtype, positions=not fused_attention),
                 dynamo=True,
                 input_names=input_names,
                 output_names=output_names,
                 dynamic_shapes=dynamic_shapes,
-                custom_translation_table=ONNX_TRANSLATION,
+                custom_translation_table={**ONNX_TRANSLATION, **GQA_TRANSLATION},
                 optimize=True,
                 verbose=False,
             )
     except Exception as e:  # the exporter raises many types; all mean the same thing to the user
         raise ExportError(f"torch.onnx.export failed for {type(model).__name__}: {str(e).splitlines()[0]}") from e
     ir_model = program.model
-    _name_dynamic_dims(ir_model, layers)
+    _name_dynamic_dims(ir_model, layers, "present_sequence_length" if fused_attention else "total_sequence_length")
     return ir_model

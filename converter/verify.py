@@ -28,10 +28,14 @@ def sample_prompts(vocab_size: int, seed: int = 0, lengths: tuple[int, ...] = (9
     return [rng.integers(0, vocab_size, n).tolist() for n in lengths]
 
 
-def padded(prompts: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Left-padded (input_ids, attention_mask, position_ids) as the runtime builds them."""
-    from ..runtime.generation import left_pad
+def padded(prompts: list[list[int]], pad_id: int, right: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(input_ids, attention_mask, position_ids) as the runtime builds them: left-padded, or right-padded
+    for fused-attention models (their positions are 0, 1, ... from the left)."""
+    from ..runtime.generation import left_pad, right_pad
 
+    if right:
+        ids, mask = right_pad(prompts, pad_id)
+        return ids, mask, np.broadcast_to(np.arange(ids.shape[1]), ids.shape).copy()
     ids, mask = left_pad(prompts, pad_id)
     return ids, mask, np.where(mask == 1, mask.cumsum(-1) - 1, 0)
 
@@ -40,6 +44,7 @@ def padded(prompts: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndarra
 class Reference:
     prompts: list[list[int]]
     pad_id: int
+    right_padded: bool
     split: int
     prefill_logits: np.ndarray
     decode_logits: np.ndarray
@@ -68,28 +73,39 @@ class VerifyReport:
 
 
 @torch.no_grad()
-def reference(model, eos_ids: list[int], pad_id: int, seed: int = 0, new_tokens: int = GREEDY_TOKENS) -> Reference:
-    """Logits (prefill, and decode with past) and greedy tokens of the original PyTorch model."""
+def reference(model, eos_ids: list[int], pad_id: int, seed: int = 0, new_tokens: int = GREEDY_TOKENS,
+              right_padded: bool = False) -> Reference:
+    """Logits (prefill, and decode with past) and greedy tokens of the original PyTorch model, on
+    batches padded as the exported model's runtime pads them."""
     prompts = sample_prompts(model.config.vocab_size, seed)
-    ids, mask, pos = (torch.from_numpy(a) for a in padded(prompts, pad_id))
+    ids, mask, pos = (torch.from_numpy(a) for a in padded(prompts, pad_id, right_padded))
     full = model(input_ids=ids, attention_mask=mask, position_ids=pos).logits
     split = ids.shape[1] - 2
     first = model(input_ids=ids[:, :split], attention_mask=mask[:, :split], position_ids=pos[:, :split], use_cache=True)
     step = model(input_ids=ids[:, split:], attention_mask=mask, position_ids=pos[:, split:],
                  cache=first.cache, use_cache=True).logits
+    ids, mask, _ = (torch.from_numpy(a) for a in padded(prompts, pad_id))  # generate pads on the left
     out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False,
                          num_beams=1, pad_token_id=pad_id, eos_token_id=eos_ids or None)
     greedy = [_trim(row, set(eos_ids)) for row in out[:, ids.shape[1]:].tolist()]
-    return Reference(prompts, pad_id, split, full.float().numpy(), step.float().numpy(), greedy, new_tokens)
+    return Reference(prompts, pad_id, right_padded, split, full.float().numpy(), step.float().numpy(), greedy,
+                     new_tokens)
 
 
 def compare(onnx_model: MoEModel, ref: Reference, tolerance: float | None) -> VerifyReport:
     """Run the ONNX model on the reference's inputs; max abs logit error at real (unpadded) positions."""
-    ids, mask, pos = padded(ref.prompts, ref.pad_id)
+    ids, mask, pos = padded(ref.prompts, ref.pad_id, ref.right_padded)
     valid = mask.astype(bool)
     full, _ = onnx_model.forward(ids, mask, pos)
     _, past = onnx_model.forward(ids[:, : ref.split], mask[:, : ref.split], pos[:, : ref.split])
-    step, _ = onnx_model.forward(ids[:, ref.split:], mask, pos[:, ref.split:], past=past)
+    if ref.right_padded:  # GroupQueryAttention takes several new tokens with a past only at batch 1
+        steps = []
+        for i in range(ref.split, ids.shape[1]):
+            logits, past = onnx_model.forward(ids[:, i:i + 1], mask[:, : i + 1], None, past=past)
+            steps.append(logits)
+        step = np.concatenate(steps, axis=1)
+    else:
+        step, _ = onnx_model.forward(ids[:, ref.split:], mask, pos[:, ref.split:], past=past)
     full, step = full.astype(np.float32), step.astype(np.float32)
     prefill_err = float(np.abs(full - ref.prefill_logits)[valid].max())
     decode_err = float(np.abs(step - ref.decode_logits)[valid[:, ref.split:]].max())

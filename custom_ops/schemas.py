@@ -1,4 +1,4 @@
-"""ONNX schemas of ONNX Runtime's com.microsoft MoE and QMoE ops, registered with onnx.
+"""ONNX schemas of ONNX Runtime's com.microsoft MoE, QMoE and GroupQueryAttention ops, registered with onnx.
 
 onnx ships no schemas for ONNX Runtime's contrib ops, so the checker, shape inference and torch's
 exporter would reject or mistype our graphs. The definitions mirror onnxruntime's
@@ -52,17 +52,17 @@ def _same_as_input0(ctx) -> None:
     ctx.set_output_type(0, ctx.get_input_type(0))
 
 
-def _schema(name: str, inputs, attrs, type_constraints) -> OpSchema:
+def _schema(name: str, inputs, attrs, type_constraints, outputs=(("output", "T"),), infer=_same_as_input0) -> OpSchema:
     schema = OpSchema(
         name,
         DOMAIN,
         OPSET_VERSION,
         inputs=[_param(*i) for i in inputs],
-        outputs=[_param("output", "T")],
+        outputs=[_param(*o) for o in outputs],
         type_constraints=type_constraints,
         attributes=[_attr(*a) for a in attrs],
     )
-    schema.set_type_and_shape_inference_function(_same_as_input0)
+    schema.set_type_and_shape_inference_function(infer)
     return schema
 
 
@@ -105,8 +105,44 @@ def _qmoe_schema() -> OpSchema:
     return _schema("QMoE", inputs, _COMMON_ATTRS + _QMOE_ATTRS, constraints)
 
 
+def _gqa_types(ctx) -> None:
+    for i in range(3):  # output like the query, presents like the query (the KV cache's type)
+        ctx.set_output_type(i, ctx.get_input_type(0))
+
+
+def _gqa_schema() -> OpSchema:
+    """The subset of GroupQueryAttention's contract moerun emits (no quantized KV cache, no QK output)."""
+    inputs = [
+        ("query", "T"),
+        ("key", "T", True),
+        ("value", "T", True),
+        ("past_key", "T", True),
+        ("past_value", "T", True),
+        ("seqlens_k", "M"),
+        ("total_sequence_length", "M"),
+        ("cos_cache", "T", True),
+        ("sin_cache", "T", True),
+        ("position_ids", "tensor(int64)", True),
+        ("attention_bias", "T", True),
+        ("head_sink", "T", True),
+    ]
+    attrs = [
+        ("num_heads", _A.INT, "query heads", None),
+        ("kv_num_heads", _A.INT, "key/value heads", None),
+        ("scale", _A.FLOAT, "QK scale; 1/sqrt(head_size) when absent", None),
+        ("local_window_size", _A.INT, "sliding window: the last local_window_size keys, the query's own included", -1),
+        ("do_rotary", _A.INT, "apply rotary embeddings from cos_cache/sin_cache to query and key", 0),
+        ("rotary_interleaved", _A.INT, "interleaved rotary pattern", 0),
+        ("softcap", _A.FLOAT, "softcap of the attention logits", 0.0),
+        ("smooth_softmax", _A.INT, "smooth softmax", 0),
+    ]
+    constraints = [("T", _FLOATS, "activations and KV cache"), ("M", ["tensor(int32)"], "lengths")]
+    outputs = (("output", "T"), ("present_key", "T"), ("present_value", "T"))
+    return _schema("GroupQueryAttention", inputs, attrs, constraints, outputs, _gqa_types)
+
+
 def register_schemas() -> None:
-    """Register MoE and QMoE with onnx once per process (idempotent)."""
-    for schema in (_moe_schema(), _qmoe_schema()):
+    """Register MoE, QMoE and GroupQueryAttention with onnx once per process (idempotent)."""
+    for schema in (_moe_schema(), _qmoe_schema(), _gqa_schema()):
         if not onnx.defs.has(schema.name, schema.domain):
             onnx.defs.register_schema(schema)

@@ -102,36 +102,47 @@ def pick_next(logits: np.ndarray, sampling: SamplingConfig, rng: np.random.Gener
 
 
 class DecoderRunner:
-    """Runs the decoder graph step by step; KV-cache tensors stay as OrtValues on the device."""
+    """Runs the decoder graph step by step; KV-cache tensors stay as OrtValues on the device.
+
+    Traced-attention graphs take left-padded batches with position_ids, and return presents one
+    step longer than the past. Fused-attention graphs (GroupQueryAttention) take right-padded
+    batches; their KV cache is one buffer per tensor, allocated once for the whole generation and
+    bound as both past and present, so ONNX Runtime appends to it in place.
+    """
 
     def __init__(self, session: ort.InferenceSession, manifest: Manifest, device: str) -> None:
         self.session = session
         self.manifest = manifest
         self.device = device
-        self.past_names = manifest.inputs[3:]
+        self.fused = manifest.fused_attention
+        self.past_names = [n for n in manifest.inputs if n.startswith("past_key_values.")]
         self.present_names = manifest.outputs[1:]
         self.kv_dtype = np.float16 if manifest.dtype == "fp16" else np.float32
 
-    def empty_past(self, batch: int) -> list[ort.OrtValue]:
+    def empty_past(self, batch: int, length: int = 0) -> list[ort.OrtValue]:
         return [ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, dtype=self.kv_dtype), self.device, 0)
-                for shape in self.manifest.past_shapes(batch)]
+                for shape in self.manifest.past_shapes(batch, length)]
 
-    def step(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray,
-             past: list[ort.OrtValue]) -> tuple[np.ndarray, list[ort.OrtValue]]:
-        """One forward: (logits of the last position (batch, vocab), presents)."""
+    def step(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray | None,
+             past: list[ort.OrtValue], in_place: bool = False) -> tuple[np.ndarray, list[ort.OrtValue]]:
+        """One forward: (logits (batch, seq, vocab), presents). ``in_place``: the past buffers are also
+        the presents (fused attention), so nothing is allocated or copied."""
         binding = self.session.io_binding()
         binding.bind_cpu_input("input_ids", np.ascontiguousarray(input_ids, dtype=np.int64))
         binding.bind_cpu_input("attention_mask", np.ascontiguousarray(attention_mask, dtype=np.int64))
-        binding.bind_cpu_input("position_ids", np.ascontiguousarray(position_ids, dtype=np.int64))
+        if not self.fused:
+            binding.bind_cpu_input("position_ids", np.ascontiguousarray(position_ids, dtype=np.int64))
         for name, value in zip(self.past_names, past):
             binding.bind_ortvalue_input(name, value)
         binding.bind_output("logits", self.device)
-        for name in self.present_names:
-            binding.bind_output(name, self.device)
+        for name, value in zip(self.present_names, past):
+            if in_place:
+                binding.bind_ortvalue_output(name, value)
+            else:
+                binding.bind_output(name, self.device)
         self.session.run_with_iobinding(binding)
         outputs = binding.get_outputs()
-        logits = outputs[0].numpy()[:, -1, :].astype(np.float32)
-        return logits, list(outputs[1:])
+        return outputs[0].numpy(), past if in_place else list(outputs[1:])
 
     def generate(self, prompts: list[list[int]], max_new_tokens: int, sampling: SamplingConfig,
                  eos_token_ids: list[int], pad_token_id: int) -> tuple[list[list[int]], GenerationStats]:
@@ -139,31 +150,59 @@ class DecoderRunner:
         if max_new_tokens < 1:
             raise MoerunError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         rng = np.random.default_rng(sampling.seed)
-        input_ids, mask = left_pad(prompts, pad_token_id)
         batch = len(prompts)
-        positions = np.where(mask == 1, mask.cumsum(-1) - 1, 0)
         eos = np.array(eos_token_ids or [-1], dtype=np.int64)
         finished = np.zeros(batch, dtype=bool)
         generated = np.full((batch, max_new_tokens), pad_token_id, dtype=np.int64)
-        stats = GenerationStats(prefill_tokens=int(mask.sum()))
-
+        stats = GenerationStats()
         start = time.perf_counter()
-        logits, past = self.step(input_ids, mask, positions, self.empty_past(batch))
+        steps = (self._fused_steps if self.fused else self._traced_steps)(prompts, pad_token_id, max_new_tokens, stats)
+        logits = next(steps)
         stats.prefill_s = time.perf_counter() - start
-        next_pos = mask.sum(-1, keepdims=True)
         start = time.perf_counter()
         for t in range(max_new_tokens):
-            token = np.where(finished, pad_token_id, pick_next(logits, sampling, rng))
+            token = np.where(finished, pad_token_id, pick_next(logits.astype(np.float32), sampling, rng))
             generated[:, t] = token
             finished |= np.isin(token, eos)
             if finished.all() or t == max_new_tokens - 1:
                 break
-            mask = np.concatenate([mask, np.ones((batch, 1), dtype=np.int64)], axis=1)
-            logits, past = self.step(token[:, None], mask, next_pos, past)
-            next_pos = next_pos + 1
+            logits = steps.send(token[:, None])
             stats.decode_tokens += batch
         stats.decode_s = time.perf_counter() - start
         return [trim_at_eos(row, eos) for row in generated.tolist()], stats
+
+    def _traced_steps(self, prompts, pad_token_id, max_new_tokens, stats):
+        """A generator: yields last-position logits (batch, vocab), is sent the next tokens (batch, 1)."""
+        input_ids, mask = left_pad(prompts, pad_token_id)
+        stats.prefill_tokens = int(mask.sum())
+        batch = len(prompts)
+        positions = np.where(mask == 1, mask.cumsum(-1) - 1, 0)
+        logits, past = self.step(input_ids, mask, positions, self.empty_past(batch))
+        tokens = yield logits[:, -1]
+        next_pos = mask.sum(-1, keepdims=True)
+        for _ in range(max_new_tokens - 1):
+            mask = np.concatenate([mask, np.ones((batch, 1), dtype=np.int64)], axis=1)
+            logits, past = self.step(tokens, mask, next_pos, past)
+            next_pos = next_pos + 1
+            tokens = yield logits[:, -1]
+
+    def _fused_steps(self, prompts, pad_token_id, max_new_tokens, stats):
+        """As _traced_steps, on right-padded rows and KV buffers sized once for the whole generation."""
+        input_ids, mask = right_pad(prompts, pad_token_id)
+        stats.prefill_tokens = int(mask.sum())
+        batch, width = mask.shape
+        rows = np.arange(batch)
+        lengths = mask.sum(-1)
+        past = self.empty_past(batch, width + max_new_tokens)
+        full_mask = np.zeros((batch, width + max_new_tokens), dtype=np.int64)
+        full_mask[:, :width] = mask
+        logits, _ = self.step(input_ids, mask, None, past, in_place=True)
+        tokens = yield logits[rows, lengths - 1]
+        for _ in range(max_new_tokens - 1):
+            full_mask[rows, lengths] = 1  # each row's next token goes right after its own last one
+            lengths += 1
+            logits, _ = self.step(tokens, full_mask[:, : lengths.max()], None, past, in_place=True)
+            tokens = yield logits[:, -1]
 
 
 def trim_at_eos(row: list[int], eos) -> list[int]:

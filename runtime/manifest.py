@@ -14,11 +14,12 @@ MANIFEST_FILE = "moerun.json"
 FORMAT_VERSION = 1
 
 
-def decoder_io_names(num_layers: int) -> tuple[list[str], list[str]]:
-    """Input and output names of a decoder with KV cache (the onnxruntime-genai naming)."""
+def decoder_io_names(num_layers: int, positions: bool = True) -> tuple[list[str], list[str]]:
+    """Input and output names of a decoder with KV cache (the onnxruntime-genai naming); fused-attention
+    graphs take no position_ids."""
     past = [f"past_key_values.{i}.{kv}" for i in range(num_layers) for kv in ("key", "value")]
     present = [f"present.{i}.{kv}" for i in range(num_layers) for kv in ("key", "value")]
-    return ["input_ids", "attention_mask", "position_ids", *past], ["logits", *present]
+    return ["input_ids", "attention_mask", *(["position_ids"] if positions else []), *past], ["logits", *present]
 
 
 def seq2seq_io_names(num_layers: int) -> dict[str, tuple[list[str], list[str]]]:
@@ -46,6 +47,9 @@ class Manifest:
     experts_per_token: int
     moe_layers: int
     dtype: str = "fp32"
+    # "traced": the family's attention as exported ops, left-padded batches, position_ids input;
+    # "gqa": one GroupQueryAttention per layer, right-padded batches, KV buffers updated in place.
+    attention: str = "traced"
     value_head_dim: int | None = None  # when values differ from keys (MLA); None: head_dim
     kind: str = "decoder"  # "decoder" (one graph) or "seq2seq" (encoder_file + model_file, the decoder)
     model_file: str = "model.onnx"
@@ -68,6 +72,10 @@ class Manifest:
     @property
     def is_seq2seq(self) -> bool:
         return self.kind == "seq2seq"
+
+    @property
+    def fused_attention(self) -> bool:
+        return self.attention == "gqa"
 
     def graphs(self) -> dict[str, int]:
         """Each ONNX file of the model and the number of fused MoE nodes it holds."""

@@ -69,17 +69,22 @@ class MoEModel:
 
     def forward(self, input_ids: np.ndarray, attention_mask: np.ndarray | None = None,
                 position_ids: np.ndarray | None = None, past: list | None = None) -> tuple[np.ndarray, list]:
-        """One decoder step on token ids: (logits (batch, seq, vocab), presents as numpy arrays)."""
+        """One decoder step on token ids: (logits (batch, seq, vocab), presents as numpy arrays).
+
+        Fused-attention models (manifest ``attention: gqa``) take right-padded masks and derive
+        positions from them; ``position_ids`` are for traced-attention models (left padding).
+        """
         self._require(seq2seq=False)
         input_ids = np.asarray(input_ids, dtype=np.int64)
         batch, seq = input_ids.shape
         past_len = 0 if past is None else past[0].shape[2]
         if attention_mask is None:
             attention_mask = np.ones((batch, past_len + seq), dtype=np.int64)
-        if position_ids is None:
-            position_ids = np.broadcast_to(np.arange(past_len, past_len + seq), (batch, seq))
-        feeds = {"input_ids": input_ids, "attention_mask": np.asarray(attention_mask, dtype=np.int64),
-                 "position_ids": np.asarray(position_ids, dtype=np.int64)}
+        feeds = {"input_ids": input_ids, "attention_mask": np.asarray(attention_mask, dtype=np.int64)}
+        if not self.manifest.fused_attention:
+            if position_ids is None:
+                position_ids = np.broadcast_to(np.arange(past_len, past_len + seq), (batch, seq))
+            feeds["position_ids"] = np.asarray(position_ids, dtype=np.int64)
         dtype = self.runner.kv_dtype
         shapes = self.manifest.past_shapes(batch)
         for i, name in enumerate(self.runner.past_names):

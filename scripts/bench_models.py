@@ -1,6 +1,7 @@
 """Build the realistic benchmark checkpoints (seeded) and run `moerun bench` on one of them.
 
     python scripts/bench_models.py --model gpt-oss --out docs/bench_gpt_oss   # the GPT-OSS-shaped anchor
+    python scripts/bench_models.py --model gpt-oss --prompt-len 512 --batch 1 --out docs/bench_gpt_oss_512
     python scripts/bench_models.py --model mixtral --out docs/bench_mixtral
     python scripts/bench_models.py --model fixture --out docs/bench_fixture  # the trained tiny MoE
 
@@ -30,12 +31,24 @@ SHAPES = {
 }
 
 
+def word_level_tokenizer(vocab_size: int) -> transformers.PreTrainedTokenizerFast:
+    """A tokenizer with one word per id (t0, t1, ...): the benchmarks feed ids, but onnxruntime-genai's
+    builder wants a tokenizer beside the weights."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    tokenizer = Tokenizer(models.WordLevel({f"t{i}": i for i in range(vocab_size)}, unk_token="t0"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="t0", pad_token="t0",
+                                                bos_token="t1", eos_token="t2")
+
+
 def build(model: str, directory: Path) -> Path:
     config_class, arch, params = SHAPES[model]
     config = getattr(transformers, config_class)(**params, tie_word_embeddings=False)
     config.architectures = [arch]
     torch.manual_seed(0)
     getattr(transformers, arch)(config).eval().save_pretrained(directory)
+    word_level_tokenizer(config.vocab_size).save_pretrained(directory)
     return directory
 
 
@@ -46,7 +59,7 @@ def main() -> None:
     parser.add_argument("--batch", default="1,4")
     parser.add_argument("--prompt-len", default="128")
     parser.add_argument("--new-tokens", type=int, default=64)
-    parser.add_argument("--variants", default="hf,fp32,int8,int4")
+    parser.add_argument("--variants", default="hf,genai,fp32,int8,int4")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()

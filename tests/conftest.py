@@ -96,7 +96,7 @@ def assert_matches_pytorch(hf, onnx, tol: float = 1e-4, seed: int = 1, steps: in
     from moerun.converter.verify import padded, sample_prompts
 
     prompts = sample_prompts(hf.config.vocab_size, seed=seed, lengths=(11, 4, 8))
-    ids, mask, pos = padded(prompts, pad_id=0)
+    ids, mask, pos = padded(prompts, pad_id=0, right=onnx.manifest.fused_attention)
     valid = mask.astype(bool)
     split = 6
     full, decoded = hf_logits_prefill_and_steps(hf, ids, mask, pos, split, steps)

@@ -28,4 +28,6 @@ def test_bench_quick_writes_every_field(tmp_path):
     by = {r["variant"]: r for r in records}
     assert by["int4"]["file_mb"] < by["int8"]["file_mb"] < by["fp32"]["file_mb"]
     assert by["int4"]["bytes_per_token"] < by["fp32"]["bytes_per_token"]
+    # the fp32 exports are exact: their greedy tokens are Hugging Face's, measured in the same run
+    assert by["fp32"]["hf_agreement"] == 1.0 and by["generic"]["hf_agreement"] == 1.0
     assert "| int4 | 1 | 16 |" in (tmp_path / "bench.md").read_text()

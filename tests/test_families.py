@@ -130,8 +130,8 @@ def test_int4_runs_and_mostly_agrees_with_fp32(family):
     """
     name, hf, fp32, int4 = family
     prompts = sample_prompts(hf.config.vocab_size, seed=3, lengths=(12, 9, 7))
-    ids, mask, pos = padded(prompts, pad_id=0)
     a, b = MoEModel.load(fp32, provider="cpu"), MoEModel.load(int4, provider="cpu")
+    ids, mask, pos = padded(prompts, pad_id=0, right=a.manifest.fused_attention)
     la, lb = a.forward(ids, mask, pos)[0], b.forward(ids, mask, pos)[0]
     valid = mask.astype(bool)
     per_position = float(np.mean(la.argmax(-1)[valid] == lb.argmax(-1)[valid]))

@@ -38,16 +38,21 @@ def _tensor(array: np.ndarray) -> dict:
 def test_onnxruntime_node_gives_the_same_logits_as_python(node_host, converted, tmp_path):
     model_dir = converted["k2_e8_h96"]
     model = MoEModel.load(model_dir, provider="cpu")
-    ids, mask, pos = padded(sample_prompts(model.manifest.vocab_size, seed=4, lengths=(6, 3)), pad_id=0)
+    fused = model.manifest.fused_attention  # GroupQueryAttention: right padding, no position_ids input
+    ids, mask, pos = padded(sample_prompts(model.manifest.vocab_size, seed=4, lengths=(6, 3)), pad_id=0, right=fused)
     _, presents = model.forward(ids, mask, pos)
     # A decode step with past, fed from the prefill's presents, exercises the KV-cache inputs too.
     step_ids = np.array([[5], [7]], dtype=np.int64)
-    step_mask = np.concatenate([mask, np.ones((2, 1), np.int64)], axis=1)
-    step_pos = pos[:, -1:] + 1
+    step_mask = np.concatenate([mask, np.zeros((2, 1), np.int64)], axis=1)
+    lengths = mask.sum(-1)
+    step_mask[np.arange(2), lengths if fused else -1] = 1  # each row's new token right after its last one
+    step_pos = (lengths if fused else pos[:, -1] + 1)[:, None]
     step_logits, _ = model.forward(step_ids, step_mask, step_pos, past=presents)
 
-    feeds = {"input_ids": step_ids, "attention_mask": step_mask, "position_ids": step_pos}
-    for name, value in zip(model.manifest.inputs[3:], presents):
+    feeds = {"input_ids": step_ids, "attention_mask": step_mask}
+    if not fused:
+        feeds["position_ids"] = step_pos
+    for name, value in zip([n for n in model.manifest.inputs if n.startswith("past_")], presents):
         feeds[name] = value
     (tmp_path / "in.json").write_text(json.dumps({k: _tensor(v) for k, v in feeds.items()}))
     result = subprocess.run(["node", str(node_host), str(model_dir / "model.onnx"), str(tmp_path / "in.json"),

@@ -53,15 +53,16 @@ def test_eos_ends_a_row_and_the_others_continue(checkpoints, converted):
     assert len(ours[0]) <= 4
 
 
-def test_fp16_export_stays_close_to_fp32_pytorch(checkpoints, tmp_path):
+@pytest.mark.parametrize("shape", ["k1_e4_h72", "k2_e8_h96"])  # traced attention, fused attention
+def test_fp16_export_stays_close_to_fp32_pytorch(shape, checkpoints, tmp_path):
     from moerun.converter.convert import convert
 
-    out = convert(checkpoints["k1_e4_h72"], tmp_path / "fp16", dtype="fp16").output
+    out = convert(checkpoints[shape], tmp_path / "fp16", dtype="fp16").output
     onnx = MoEModel.load(out, provider="cpu")
     assert onnx.manifest.dtype == "fp16"
-    hf = _hf(checkpoints["k1_e4_h72"])
+    hf = _hf(checkpoints[shape])
     prompts = sample_prompts(hf.config.vocab_size, seed=5, lengths=(7, 4))
-    ids, mask, pos = padded(prompts, pad_id=0)
+    ids, mask, pos = padded(prompts, pad_id=0, right=onnx.manifest.fused_attention)
     with torch.no_grad():
         expected = hf(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask),
                       position_ids=torch.from_numpy(pos)).logits.numpy()

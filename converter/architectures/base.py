@@ -122,6 +122,8 @@ class MoEAdapter:
     exportable = True  # False: the adapter exists to refuse with the precise reason
     # Attention implementation to trace: SDPA where the family supports it (GPT-OSS's sinks need eager).
     attn_implementation: str = "sdpa"
+    # True: its attention (q/k/v/o projections, static rotary) becomes one GroupQueryAttention per layer.
+    fused_attention: bool = False
 
     def check_config(self, config) -> None:
         """Raise UnsupportedModelError for configurations the export cannot represent exactly."""

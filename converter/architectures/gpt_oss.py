@@ -18,6 +18,7 @@ class GptOss(MoEAdapter):
     family = "GPT-OSS"
     block_class_name = "GptOssMLP"
     attn_implementation = "eager"
+    fused_attention = True
 
     def expert_dims(self, config) -> tuple[int, int]:
         return config.hidden_size, config.intermediate_size

@@ -10,3 +10,4 @@ from .base import TopKSoftmaxAdapter
 class Mixtral(TopKSoftmaxAdapter):
     family = "Mixtral"
     block_class_name = "MixtralSparseMoeBlock"
+    fused_attention = True

@@ -14,6 +14,7 @@ from .base import SigmoidGatedShared, TopKSoftmaxAdapter
 class Qwen2Moe(TopKSoftmaxAdapter):
     family = "Qwen2-MoE"
     block_class_name = "Qwen2MoeSparseMoeBlock"
+    fused_attention = True
 
     def shared_expert(self, block):
         return SigmoidGatedShared(block.shared_expert, block.shared_expert_gate)
