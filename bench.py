@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["BASELINES", "EXPORTS", "VARIANTS", "Record", "run_bench"]
+__all__ = ["BASELINES", "EXPORTS", "VARIANTS", "Record", "run_bench", "word_level_tokenizer"]
 
 BASELINES = ("hf", "generic", "genai")
 EXPORTS = ("fp32", "int8", "int4")
@@ -44,6 +44,18 @@ class Record:
     runs: int
     spread: dict
     hf_agreement: float | None = None  # share of greedy tokens equal to Hugging Face's (same prompts)
+
+
+def word_level_tokenizer(vocab_size: int):
+    """A tokenizer with one word per id (t0, t1, ...) for seeded benchmark checkpoints: the benchmarks
+    feed token ids, but onnxruntime-genai's builder wants a tokenizer beside the weights."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.WordLevel({f"t{i}": i for i in range(vocab_size)}, unk_token="t0"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="t0", pad_token="t0", bos_token="t1",
+                                   eos_token="t2")
 
 
 def _prompts(vocab: int, batch: int, length: int) -> list[list[int]]:

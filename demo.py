@@ -104,6 +104,8 @@ def run_demo(workdir: Path | None, provider: str, console):
             ("model", f"{m.architecture}, {m.num_layers} layers, hidden {m.hidden_size}, "
                       f"{m.num_experts} experts top-{m.experts_per_token}"),
             ("fused MoE nodes", f"{m.moe_layers} (one per MoE layer)"),
+            ("attention", "one GroupQueryAttention per layer, KV cache updated in place" if m.fused_attention
+             else "traced"),
             ("checkpoint (safetensors)", _human(result.checkpoint_bytes)),
             ("ONNX model", _human(result.onnx_bytes)),
             ("convert + verify time", f"{convert_s:.1f} s"),

@@ -2,8 +2,9 @@
 
 The traced Hugging Face attention is a few dozen small ops per layer (rotary, repeat_kv, masks,
 concatenating the cache) that cost as much as the attention itself when decoding. Each attention
-module is swapped for ``FusedAttention``: the model's own q/k/v/o projections around one
-``moerun::gqa`` call (``custom_ops.gqa_op``), exported as ``com.microsoft.GroupQueryAttention``.
+module is swapped for ``FusedAttention``: the model's own projections (q, k and v packed into one
+MatMul) around one ``moerun::gqa`` call (``custom_ops.gqa_op``), exported as
+``com.microsoft.GroupQueryAttention``.
 
 The graph's contract is then onnxruntime-genai's: ``input_ids``, a right-padded ``attention_mask``
 (row b's length is its sum; positions follow from it), the past KV per layer, either exactly as
@@ -43,7 +44,8 @@ class FusedAttention(nn.Module):
 
     def __init__(self, attn: nn.Module, config, window: int | None, step: _Step) -> None:
         super().__init__()
-        self.q_proj, self.k_proj, self.v_proj, self.o_proj = attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj
+        self.qkv = _packed(attn.q_proj, attn.k_proj, attn.v_proj)  # one MatMul; the op splits it
+        self.o_proj = attn.o_proj
         self.sinks = getattr(attn, "sinks", None)
         self.layer_idx = attn.layer_idx
         self.num_heads = config.num_attention_heads
@@ -57,12 +59,23 @@ class FusedAttention(nn.Module):
         s = self.step
         past_k, past_v = s.past[2 * self.layer_idx], s.past[2 * self.layer_idx + 1]
         out, present_k, present_v = torch.ops.moerun.gqa(
-            self.q_proj(hidden_states), self.k_proj(hidden_states), self.v_proj(hidden_states), past_k, past_v,
+            self.qkv(hidden_states), None, None, past_k, past_v,
             s.seqlens_k, s.total_length, s.cos, s.sin, self.sinks, self.num_heads, self.kv_heads,
             self.local_window_size, self.scale,
         )
         s.present[self.layer_idx] = (present_k, present_v)
         return self.o_proj(out), None
+
+
+def _packed(*projections: nn.Linear) -> nn.Linear:
+    """q, k and v projections as one Linear whose output is [q | k | v] (GroupQueryAttention's packed QKV)."""
+    packed = nn.Linear(projections[0].in_features, sum(p.out_features for p in projections),
+                       bias=any(p.bias is not None for p in projections))
+    packed.weight = nn.Parameter(torch.cat([p.weight for p in projections]).detach(), requires_grad=False)
+    if packed.bias is not None:
+        biases = [p.bias if p.bias is not None else p.weight.new_zeros(p.out_features) for p in projections]
+        packed.bias = nn.Parameter(torch.cat(biases).detach(), requires_grad=False)
+    return packed
 
 
 def sliding_window(config, layer_idx: int) -> int | None:

@@ -34,8 +34,8 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
 @torch.library.custom_op("moerun::gqa", mutates_args=())
 def gqa(
     query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
+    key: torch.Tensor | None,
+    value: torch.Tensor | None,
     past_key: torch.Tensor,
     past_value: torch.Tensor,
     seqlens_k: torch.Tensor,
@@ -48,9 +48,14 @@ def gqa(
     local_window_size: int,
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(output (B, S, num_heads * D), present_key, present_value (B, kv_num_heads, max(P, total), D))."""
+    """(output (B, S, num_heads * D), present_key, present_value (B, kv_num_heads, max(P, total), D)).
+
+    With key and value None, query is packed [q | k | v] along its last axis.
+    """
     batch, seq, _ = query.shape
     dim = past_key.shape[-1]
+    if key is None:
+        query, key, value = query.split([num_heads * dim, kv_num_heads * dim, kv_num_heads * dim], dim=-1)
     total = int(total_sequence_length)
     length = max(past_key.shape[2], total)
     present_k = query.new_zeros(batch, kv_num_heads, length, dim)
@@ -87,7 +92,8 @@ def gqa(
 def _(query, key, value, past_key, past_value, seqlens_k, total_sequence_length, cos_cache, sin_cache, head_sink,
       num_heads, kv_num_heads, local_window_size, scale):
     # Traced with the past as the whole buffer (the runtime binds one buffer as past and present).
-    return torch.empty_like(query), torch.empty_like(past_key), torch.empty_like(past_value)
+    out = query.new_empty(*query.shape[:2], num_heads * past_key.shape[-1])
+    return out, torch.empty_like(past_key), torch.empty_like(past_value)
 
 
 register_schemas()

@@ -187,7 +187,11 @@ class DecoderRunner:
             tokens = yield logits[:, -1]
 
     def _fused_steps(self, prompts, pad_token_id, max_new_tokens, stats):
-        """As _traced_steps, on right-padded rows and KV buffers sized once for the whole generation."""
+        """As _traced_steps, on right-padded rows and KV buffers sized once for the whole generation.
+
+        One IO binding serves every step: the KV buffers are bound once as both past and present, and
+        on CPU the decode logits land in one preallocated array; a step rebinds only its two inputs.
+        """
         input_ids, mask = right_pad(prompts, pad_token_id)
         stats.prefill_tokens = int(mask.sum())
         batch, width = mask.shape
@@ -196,12 +200,27 @@ class DecoderRunner:
         past = self.empty_past(batch, width + max_new_tokens)
         full_mask = np.zeros((batch, width + max_new_tokens), dtype=np.int64)
         full_mask[:, :width] = mask
-        logits, _ = self.step(input_ids, mask, None, past, in_place=True)
+        binding = self.session.io_binding()
+        binding.bind_output("logits", self.device)  # first: get_outputs() lists outputs as bound
+        for past_name, present_name, value in zip(self.past_names, self.present_names, past):
+            binding.bind_ortvalue_input(past_name, value)
+            binding.bind_ortvalue_output(present_name, value)
+        binding.bind_cpu_input("input_ids", input_ids)
+        binding.bind_cpu_input("attention_mask", mask)
+        self.session.run_with_iobinding(binding)
+        logits = binding.get_outputs()[0].numpy()
         tokens = yield logits[rows, lengths - 1]
+        step_logits = None
+        if self.device == "cpu":  # ONNX Runtime writes straight into this array
+            step_logits = np.empty((batch, 1, logits.shape[-1]), dtype=logits.dtype)
+            binding.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(step_logits))
         for _ in range(max_new_tokens - 1):
             full_mask[rows, lengths] = 1  # each row's next token goes right after its own last one
             lengths += 1
-            logits, _ = self.step(tokens, full_mask[:, : lengths.max()], None, past, in_place=True)
+            binding.bind_cpu_input("input_ids", np.ascontiguousarray(tokens, dtype=np.int64))
+            binding.bind_cpu_input("attention_mask", np.ascontiguousarray(full_mask[:, : lengths.max()]))
+            self.session.run_with_iobinding(binding)
+            logits = step_logits if step_logits is not None else binding.get_outputs()[0].numpy()
             tokens = yield logits[:, -1]
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 import transformers
 
-from moerun.bench import markdown, run_bench, write_json
+from moerun.bench import markdown, run_bench, word_level_tokenizer, write_json
 
 SHAPES = {
     # The GPT-OSS shape of the performance anchor: 228M parameters.
@@ -29,17 +29,6 @@ SHAPES = {
         vocab_size=8000, hidden_size=1024, intermediate_size=2816, num_hidden_layers=4, num_attention_heads=16,
         num_key_value_heads=4, num_local_experts=8, num_experts_per_tok=2, max_position_embeddings=4096)),
 }
-
-
-def word_level_tokenizer(vocab_size: int) -> transformers.PreTrainedTokenizerFast:
-    """A tokenizer with one word per id (t0, t1, ...): the benchmarks feed ids, but onnxruntime-genai's
-    builder wants a tokenizer beside the weights."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    tokenizer = Tokenizer(models.WordLevel({f"t{i}": i for i in range(vocab_size)}, unk_token="t0"))
-    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="t0", pad_token="t0",
-                                                bos_token="t1", eos_token="t2")
 
 
 def build(model: str, directory: Path) -> Path:

@@ -5,6 +5,10 @@ from __future__ import annotations
 import json
 from dataclasses import fields
 
+import pytest
+import torch
+import transformers
+
 from conftest import run_cli, save_checkpoint, tiny_mixtral
 from moerun.bench import Record
 
@@ -31,3 +35,27 @@ def test_bench_quick_writes_every_field(tmp_path):
     # the fp32 exports are exact: their greedy tokens are Hugging Face's, measured in the same run
     assert by["fp32"]["hf_agreement"] == 1.0 and by["generic"]["hf_agreement"] == 1.0
     assert "| int4 | 1 | 16 |" in (tmp_path / "bench.md").read_text()
+
+
+@pytest.mark.slow  # builds the onnxruntime-genai venv on first use (minutes)
+def test_bench_compares_against_onnxruntime_genai(tmp_path):
+    from moerun.bench import word_level_tokenizer
+
+    config = transformers.GptOssConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, num_local_experts=4, num_experts_per_tok=2, sliding_window=8,
+        layer_types=["sliding_attention", "full_attention"], max_position_embeddings=256, tie_word_embeddings=False)
+    config.architectures = ["GptOssForCausalLM"]
+    torch.manual_seed(0)
+    ckpt = tmp_path / "ckpt"
+    transformers.GptOssForCausalLM(config).eval().save_pretrained(ckpt)
+    word_level_tokenizer(config.vocab_size).save_pretrained(ckpt)
+    out = tmp_path / "bench.json"
+    result = run_cli("bench", str(ckpt), "--quick", "--compare", "hf,genai", "--variants", "fp32", "--json", str(out),
+                     timeout=1800)
+    assert result.returncode == 0, result.stderr
+    by = {r["variant"]: r for r in json.loads(out.read_text())}
+    assert set(by) == {"hf", "genai", "fp32"}
+    assert by["genai"]["decode_tok_s"] > 0 and by["genai"]["file_mb"] > 0
+    # onnxruntime-genai's export and moerun's both reproduce Hugging Face's greedy tokens
+    assert by["genai"]["hf_agreement"] == 1.0 and by["fp32"]["hf_agreement"] == 1.0
