@@ -105,24 +105,36 @@ def measure_genai(model_dir: Path, batch: int, length: int, new_tokens: int, thr
 
 # --- the worker (runs in the genai venv) -----------------------------------------------------------
 
-def _worker(model_dir: str, batch: int, length: int, new_tokens: int, threads: int) -> dict:
-    import resource
+def _peak_rss_mb() -> float:
+    """VmHWM, as runtime.memory.peak_rss_mb (not importable here: moerun is not installed in this venv).
+    ru_maxrss would report the parent's peak: it survives fork+exec."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
 
+
+def _worker(model_dir: str, batch: int, length: int, new_tokens: int, threads: int) -> dict:
     import numpy as np
     import onnxruntime_genai as og
 
     config = og.Config(model_dir)
+    # no EOS: every row runs to the end without forbidding any token (min_length would forbid EOS)
+    overlay = {"model": {"eos_token_id": []}}
     if threads:
-        config.overlay(json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": threads}}}}))
+        overlay["model"]["decoder"] = {"session_options": {"intra_op_num_threads": threads}}
+    config.overlay(json.dumps(overlay))
     model = og.Model(config)
-    vocab = json.loads((Path(model_dir) / "genai_config.json").read_text())["model"]["vocab_size"]
+    genai_config = json.loads((Path(model_dir) / "genai_config.json").read_text())["model"]
+    vocab = genai_config["vocab_size"]
+    # its sliding-window KV cache must hold a whole window; the loop below stops after `steps` anyway
+    window = genai_config["decoder"].get("sliding_window", {}).get("window_size", 0)
     # the prompts moerun's bench workers use (bench._prompts)
     prompts = np.random.default_rng(0).integers(3, vocab, (batch, length)).astype(np.int32)
 
     def run(steps: int) -> tuple[float, float, list]:
         params = og.GeneratorParams(model)
-        total = length + steps  # min_length = max_length: no early EOS, exactly `steps` new tokens
-        params.set_search_options(do_sample=False, max_length=total, min_length=total, batch_size=batch)
+        params.set_search_options(do_sample=False, max_length=max(length + steps, window), batch_size=batch)
         generator = og.Generator(model, params)
         start = time.perf_counter()
         generator.append_tokens(prompts)  # the prefill forward
@@ -137,8 +149,7 @@ def _worker(model_dir: str, batch: int, length: int, new_tokens: int, threads: i
     run(2)  # warm-up
     prefill, decode, tokens = run(new_tokens)
     return {"prefill_tok_s": batch * length / prefill, "decode_tok_s": batch * (new_tokens - 1) / decode,
-            "ttft_ms": prefill * 1000, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            "tokens": tokens}
+            "ttft_ms": prefill * 1000, "peak_rss_mb": _peak_rss_mb(), "tokens": tokens}
 
 
 if __name__ == "__main__":

@@ -46,6 +46,10 @@ class FusedAttention(nn.Module):
         super().__init__()
         self.qkv = _packed(attn.q_proj, attn.k_proj, attn.v_proj)  # one MatMul; the op splits it
         self.o_proj = attn.o_proj
+        # Families that normalise or clip q and k before rotary: RMSNorm per head (Qwen3-MoE) or over
+        # the whole projection (OLMoE), and OLMoE's clip_qkv. Computed as ordinary ops before the op.
+        self.q_norm, self.k_norm = getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)
+        self.clip = getattr(config, "clip_qkv", None)
         self.sinks = getattr(attn, "sinks", None)
         self.layer_idx = attn.layer_idx
         self.num_heads = config.num_attention_heads
@@ -55,11 +59,28 @@ class FusedAttention(nn.Module):
         self.local_window_size = window or -1
         self.step = step
 
+    def _prepare(self, qkv: torch.Tensor) -> torch.Tensor:
+        """Apply the family's q/k norms and clipping to the packed projection, as its attention does."""
+        dim = self.qkv.out_features // (self.num_heads + 2 * self.kv_heads)
+        q, k, v = qkv.split([self.num_heads * dim, self.kv_heads * dim, self.kv_heads * dim], dim=-1)
+        if self.q_norm is not None:
+            if self.q_norm.weight.shape[0] == dim:  # per head
+                q = self.q_norm(q.unflatten(-1, (self.num_heads, dim))).flatten(-2)
+                k = self.k_norm(k.unflatten(-1, (self.kv_heads, dim))).flatten(-2)
+            else:
+                q, k = self.q_norm(q), self.k_norm(k)
+        if self.clip is not None:
+            q, k, v = (t.clamp(-self.clip, self.clip) for t in (q, k, v))
+        return torch.cat([q, k, v], dim=-1)
+
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
         s = self.step
         past_k, past_v = s.past[2 * self.layer_idx], s.past[2 * self.layer_idx + 1]
+        qkv = self.qkv(hidden_states)
+        if self.q_norm is not None or self.clip is not None:
+            qkv = self._prepare(qkv)
         out, present_k, present_v = torch.ops.moerun.gqa(
-            self.qkv(hidden_states), None, None, past_k, past_v,
+            qkv, None, None, past_k, past_v,
             s.seqlens_k, s.total_length, s.cos, s.sin, self.sinks, self.num_heads, self.kv_heads,
             self.local_window_size, self.scale,
         )
@@ -130,7 +151,6 @@ class DecoderWithFusedAttention(nn.Module):
         s.seqlens_k = (attention_mask.sum(-1) - 1).to(torch.int32)
         s.total_length = torch.full((), attention_mask.shape[1], dtype=torch.int32)
         s.cos, s.sin, s.past, s.present = self.cos_cache, self.sin_cache, past, {}
-        hidden = self.model.model(input_ids=input_ids, use_cache=False).last_hidden_state
-        logits = self.model.lm_head(hidden)
+        logits = self.model(input_ids=input_ids, use_cache=False).logits  # the family's own head and scaling
         presents = [t for i in range(self.num_layers) for t in s.present[i]]
         return (logits, *presents)

@@ -93,9 +93,16 @@ def family(request, tmp_path_factory):
     return request.param, hf, fp32, int4
 
 
+# Families whose attention is exported as one GroupQueryAttention per layer (the others stay traced).
+FUSED_ATTENTION = {"Qwen3MoeForCausalLM", "OlmoeForCausalLM", "Qwen2MoeForCausalLM", "GraniteMoeForCausalLM",
+                   "GraniteMoeSharedForCausalLM", "GptOssForCausalLM"}
+
+
 def test_logits_match_pytorch(family):
     name, hf, fp32, _ = family
-    worst = assert_matches_pytorch(hf, MoEModel.load(fp32, provider="cpu"))
+    model = MoEModel.load(fp32, provider="cpu")
+    assert model.manifest.fused_attention == (name in FUSED_ATTENTION)
+    worst = assert_matches_pytorch(hf, model)
     print(f"\n{name}: max |Δlogits| {worst:.1e}")
 
 

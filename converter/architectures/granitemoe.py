@@ -14,6 +14,7 @@ from .base import TopKSoftmaxAdapter
 class GraniteMoe(TopKSoftmaxAdapter):
     family = "Granite-MoE"
     block_class_name = "GraniteMoeMoE"
+    fused_attention = True
     router_attr = "router"
 
     def normalize(self, config) -> bool:

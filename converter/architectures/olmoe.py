@@ -10,3 +10,4 @@ from .base import TopKSoftmaxAdapter
 class Olmoe(TopKSoftmaxAdapter):
     family = "OLMoE"
     block_class_name = "OlmoeSparseMoeBlock"
+    fused_attention = True

@@ -10,3 +10,4 @@ from .base import TopKSoftmaxAdapter
 class Qwen3Moe(TopKSoftmaxAdapter):
     family = "Qwen3-MoE"
     block_class_name = "Qwen3MoeSparseMoeBlock"
+    fused_attention = True
