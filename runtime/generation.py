@@ -123,26 +123,21 @@ class DecoderRunner:
         return [ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, dtype=self.kv_dtype), self.device, 0)
                 for shape in self.manifest.past_shapes(batch, length)]
 
-    def step(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray | None,
-             past: list[ort.OrtValue], in_place: bool = False) -> tuple[np.ndarray, list[ort.OrtValue]]:
-        """One forward: (logits (batch, seq, vocab), presents). ``in_place``: the past buffers are also
-        the presents (fused attention), so nothing is allocated or copied."""
+    def step(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray,
+             past: list[ort.OrtValue]) -> tuple[np.ndarray, list[ort.OrtValue]]:
+        """One forward of a traced-attention graph: (logits (batch, seq, vocab), presents one step longer)."""
         binding = self.session.io_binding()
         binding.bind_cpu_input("input_ids", np.ascontiguousarray(input_ids, dtype=np.int64))
         binding.bind_cpu_input("attention_mask", np.ascontiguousarray(attention_mask, dtype=np.int64))
-        if not self.fused:
-            binding.bind_cpu_input("position_ids", np.ascontiguousarray(position_ids, dtype=np.int64))
+        binding.bind_cpu_input("position_ids", np.ascontiguousarray(position_ids, dtype=np.int64))
         for name, value in zip(self.past_names, past):
             binding.bind_ortvalue_input(name, value)
         binding.bind_output("logits", self.device)
-        for name, value in zip(self.present_names, past):
-            if in_place:
-                binding.bind_ortvalue_output(name, value)
-            else:
-                binding.bind_output(name, self.device)
+        for name in self.present_names:
+            binding.bind_output(name, self.device)
         self.session.run_with_iobinding(binding)
         outputs = binding.get_outputs()
-        return outputs[0].numpy(), past if in_place else list(outputs[1:])
+        return outputs[0].numpy(), list(outputs[1:])
 
     def generate(self, prompts: list[list[int]], max_new_tokens: int, sampling: SamplingConfig,
                  eos_token_ids: list[int], pad_token_id: int) -> tuple[list[list[int]], GenerationStats]:
