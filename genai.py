@@ -48,12 +48,14 @@ def _installed(name: str) -> bool:
         return False
 
 
-def _run(cmd: list, what: str) -> None:
+def _run(cmd: list, what: str) -> str:
+    """Run a command; its stdout, or a one-line MoerunError with the last line of its stderr."""
     proc = subprocess.run([str(c) for c in cmd], capture_output=True, text=True)
     if proc.returncode != 0:
         from .runtime.errors import MoerunError
 
         raise MoerunError(f"{what} failed: {(proc.stderr.strip().splitlines() or ['?'])[-1]}")
+    return proc.stdout
 
 
 def genai_python(progress=lambda _: None) -> Path:
@@ -94,13 +96,8 @@ def export_genai(checkpoint: Path, output: Path, python: Path) -> Path:
 def measure_genai(model_dir: Path, batch: int, length: int, new_tokens: int, threads: int | None,
                   python: Path) -> dict:
     """One measurement in the genai venv: the same fields as moerun's workers."""
-    cmd = [python, Path(__file__).resolve(), model_dir, batch, length, new_tokens, threads or 0]
-    proc = subprocess.run([str(c) for c in cmd], capture_output=True, text=True)
-    if proc.returncode != 0:
-        from .runtime.errors import MoerunError
-
-        raise MoerunError(f"bench genai failed: {(proc.stderr.strip().splitlines() or ['?'])[-1]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    stdout = _run([python, Path(__file__).resolve(), model_dir, batch, length, new_tokens, threads or 0], "bench genai")
+    return json.loads(stdout.strip().splitlines()[-1])
 
 
 # --- the worker (runs in the genai venv) -----------------------------------------------------------

@@ -114,7 +114,6 @@ class DecoderRunner:
         self.session = session
         self.manifest = manifest
         self.device = device
-        self.fused = manifest.fused_attention
         self.past_names = [n for n in manifest.inputs if n.startswith("past_key_values.")]
         self.present_names = manifest.outputs[1:]
         self.kv_dtype = np.float16 if manifest.dtype == "fp16" else np.float32
@@ -151,7 +150,8 @@ class DecoderRunner:
         generated = np.full((batch, max_new_tokens), pad_token_id, dtype=np.int64)
         stats = GenerationStats()
         start = time.perf_counter()
-        steps = (self._fused_steps if self.fused else self._traced_steps)(prompts, pad_token_id, max_new_tokens, stats)
+        run = self._fused_steps if self.manifest.fused_attention else self._traced_steps
+        steps = run(prompts, pad_token_id, max_new_tokens, stats)
         logits = next(steps)
         stats.prefill_s = time.perf_counter() - start
         start = time.perf_counter()
