@@ -1,31 +1,58 @@
-"""convert(): a Hugging Face MoE checkpoint directory in, a moerun model directory out."""
+"""convert(): a Hugging Face (or fairseq) MoE checkpoint in, a moerun model directory out.
+
+The stages, each a function below:
+1. ``check``: options, the output location, the checkpoint's header and config, the family adapter.
+2. ``export_graphs``: trace a skeleton of the model (no weights, so any size costs the same) with
+   each MoE block swapped for one fused op, then run the graph passes (fusions, IR pin, checks).
+3. ``bind_weights``: every weight becomes a LazyTensor over the checkpoint (``WeightStream``);
+   quantization, when asked, wraps those again (int4/int8 computed per expert when written).
+4. ``write``: the disk space is checked, then the tensors are computed and written one layer group
+   at a time into a staging directory that is renamed into place only when everything (and
+   ``--verify``) succeeded.
+"""
 
 from __future__ import annotations
 
+import copy
 import logging
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import onnx_ir as ir
+import torch
+from torch import nn
 
 from ..runtime import Manifest, MoEModel
 from ..runtime.errors import MoerunError
 from ..runtime.manifest import decoder_io_names, seq2seq_io_names
 from . import verify as verify_mod
 from .architectures import adapter_for
-from .attention import unfusable_reason
-from .export import export_decoder
-from .export_seq2seq import export_seq2seq
-from .output import check_output, copy_side_files, save_model, staged_directory
-from .passes import CheckFusedMoE, OrtFusions, PinIrVersion, ToFloat16
+from .attention import DecoderWithFusedAttention, unfusable_reason
+from .export import DecoderWithCache, export_decoder
+from .export_seq2seq import DecoderStep, EncoderWithCrossKV, export_seq2seq
+from .output import (
+    SavedGraph,
+    check_disk_space,
+    check_output,
+    copy_side_files,
+    human_bytes,
+    save_model,
+    staged_directory,
+)
+from .passes import BindWeights, CheckFusedMoE, FoldWeightTransposes, OrtFusions, PinIrVersion, ToFloat16
 from .quantize import QuantizeOptions, apply_quantization
-from .sources import open_checkpoint
+from .sources import Checkpoint, open_checkpoint
+from .weights import REST, WeightStream, build_skeleton, group_of, load_groups
 
-__all__ = ["ConvertResult", "DTYPES", "convert"]
+__all__ = ["ConvertResult", "DTYPES", "convert", "load_reference_model"]
 
 log = logging.getLogger(__name__)
 
 DTYPES = ("fp32", "fp16")
+_TORCH = {"fp32": torch.float32, "fp16": torch.float16}
 
 
 @dataclass
@@ -37,27 +64,7 @@ class ConvertResult:
     onnx_bytes: int
     seconds: dict[str, float] = field(default_factory=dict)
     report: verify_mod.VerifyReport | None = None
-
-
-def _token_ids(value) -> list[int]:
-    if value is None:
-        return []
-    return [int(v) for v in (value if isinstance(value, (list, tuple)) else [value])]
-
-
-def _special_tokens(model) -> tuple[list[int], int | None, int | None]:
-    gen = getattr(model, "generation_config", None)
-    cfg = model.config
-    eos = _token_ids(getattr(gen, "eos_token_id", None) or cfg.eos_token_id)
-    pad = getattr(gen, "pad_token_id", None)
-    pad = pad if pad is not None else cfg.pad_token_id
-    bos = getattr(gen, "bos_token_id", None)
-    return eos, pad, bos if bos is not None else cfg.bos_token_id
-
-
-def _decoder_start(model) -> int | None:
-    start = getattr(getattr(model, "generation_config", None), "decoder_start_token_id", None)
-    return start if start is not None else getattr(model.config, "decoder_start_token_id", None)
+    group_loads: int = 0  # layer groups loaded from the checkpoint (streaming: each once per graph)
 
 
 class _Stages:
@@ -83,101 +90,186 @@ class _Stages:
         return self.seconds
 
 
-def convert(
-    source: str | Path,
-    output: str | Path,
-    *,
-    dtype: str = "fp32",
-    overwrite: bool = False,
-    verify: bool = False,
-    tolerance: float | None = None,
-    quantize: QuantizeOptions | None = None,
-    fusions: bool = True,
-    source_format: str = "hf",
-    on_stage: Callable[[str], None] | None = None,
-) -> ConvertResult:
-    """Export ``source`` to ``output`` with one com.microsoft.MoE node per MoE layer.
+def _token_ids(value) -> list[int]:
+    if value is None:
+        return []
+    return [int(v) for v in (value if isinstance(value, (list, tuple)) else [value])]
 
-    ``source_format`` is "hf" (a Hugging Face directory) or "fairseq" (an MoE checkpoint as fairseq
-    writes it: ``<name>-shared.pt`` and ``<name>-rank-N.pt``).
-    ``fusions`` fuses attention, RMSNorm and rotary subgraphs into ONNX Runtime's contrib ops.
-    With ``quantize``, the experts (and optionally dense weights) are quantized before saving.
-    Nothing is written to ``output`` unless every stage (and --verify, when asked) succeeds.
-    """
+
+def _special_tokens(checkpoint: Checkpoint) -> dict:
+    """eos/pad/bos (and the decoder start) from generation_config.json when present, else the config."""
+    from transformers import GenerationConfig
+
+    cfg = checkpoint.config
+    gen = None
+    if checkpoint.path.is_dir() and (checkpoint.path / "generation_config.json").is_file():
+        try:
+            gen = GenerationConfig.from_pretrained(checkpoint.path)
+        except (OSError, ValueError):
+            gen = None
+
+    def pick(name: str):
+        value = getattr(gen, name, None) if gen is not None else None
+        return value if value is not None else getattr(cfg, name, None)
+
+    return {"eos": _token_ids(pick("eos_token_id")), "pad": pick("pad_token_id"), "bos": pick("bos_token_id"),
+            "decoder_start": pick("decoder_start_token_id")}
+
+
+# --- 1. check ------------------------------------------------------------------------------------
+
+def check(source: Path, output: Path, dtype: str, overwrite: bool, quantize: QuantizeOptions | None,
+          source_format: str) -> tuple[Checkpoint, object]:
+    """Everything cheap, before the first stage: bad input fails in one line, before minutes of work."""
     if dtype not in DTYPES:
         raise MoerunError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
-    source, output = Path(source), Path(output)
-    check_output(output, overwrite)  # fail before minutes of work, not after
-    # Validate everything cheap before the first stage is announced: bad input fails in one line.
+    check_output(output, overwrite, source)
     checkpoint = open_checkpoint(source, source_format)
-    config = checkpoint.config
-    adapter = adapter_for(config)
+    adapter = adapter_for(checkpoint.config)
     if quantize is not None:
-        hidden, inter = adapter.expert_dims(config)
+        hidden, inter = adapter.expert_dims(checkpoint.config)
         try:
             quantize.spec.check(2 * inter, hidden, "fc1")
             quantize.spec.check(hidden, inter, "fc2")
         except ValueError as e:
             raise MoerunError(f"cannot quantize this model's experts: {e}") from None
-    stage = _Stages(on_stage)
-    stage("load model")
+    return checkpoint, adapter
+
+
+# --- 2. export graphs ----------------------------------------------------------------------------
+
+def export_modules(model: nn.Module, adapter, fused_attention: bool) -> dict[str, nn.Module]:
+    """The modules the graphs are traced from, and their weights computed from: ``model`` with each
+    MoE block swapped for the fused op, wrapped for KV-cache I/O; by graph file name."""
+    adapter.swap_moe_blocks(model)
+    if getattr(adapter, "seq2seq", False):
+        layers = adapter.decoder_layers(model.config)
+        return {"encoder.onnx": EncoderWithCrossKV(model, adapter.cross_attention(model)),
+                "decoder.onnx": DecoderStep(model, layers)}
+    if fused_attention:
+        return {"model.onnx": DecoderWithFusedAttention(model, model.config.max_position_embeddings)}
+    return {"model.onnx": DecoderWithCache(model)}
+
+
+@dataclass
+class Exported:
+    """The traced graphs (weights not bound yet) and what the manifest says about them."""
+
+    graphs: dict[str, ir.Model]
+    moe_layers: dict[str, int]
+    fused_attention: bool
+    fusions: dict[str, int]
+    passes: list[str]
+    trace_dtype: str
+
+
+def export_graphs(checkpoint: Checkpoint, adapter, dtype: str, fusions: bool) -> Exported:
+    """Trace the model without its weights and run the graph passes."""
+    config = checkpoint.config
     seq2seq = getattr(adapter, "seq2seq", False)
-    # Encoder-decoders are exported in fp32 and converted by ONNX Runtime's float16 converter: their
-    # PyTorch code has data-dependent fp16-only branches (inf clamping) that torch.export cannot trace.
-    fp16_after = seq2seq and dtype == "fp16"
-    model = checkpoint.load_model("fp32" if fp16_after else dtype, adapter.attn_implementation)
-    eos, pad, bos = _special_tokens(model)
-    # One GroupQueryAttention per layer where the family and this model's shape allow it.
+    # Encoder-decoders are traced in fp32 and converted by ONNX Runtime's float16 converter: their PyTorch
+    # code has data-dependent fp16-only branches (inf clamping) that torch.export cannot trace.
+    trace_dtype = "fp32" if seq2seq else dtype
+    skeleton = build_skeleton(config, _TORCH[trace_dtype], adapter.attn_implementation)
     fused_attention = fusions and adapter.fused_attention and not seq2seq
-    if fused_attention and (reason := unfusable_reason(model)):
+    if fused_attention and (reason := unfusable_reason(skeleton)):
         log.info("attention stays traced: %s", reason)
         fused_attention = False
-    pad_for_verify = pad if pad is not None else (eos[0] if eos else 0)
-    ref = None
-    if verify:
-        stage("reference outputs (PyTorch)")
-        adapter.prepare_reference(model)
-        if seq2seq:
-            ref = verify_mod.reference_seq2seq(model, eos, pad_for_verify, _decoder_start(model))
-        else:
-            ref = verify_mod.reference(model, eos, pad_for_verify, right_padded=fused_attention)
-    stage("fuse MoE blocks")
-    swapped = adapter.swap_moe_blocks(model)
-    stage("export ONNX")
+    modules = export_modules(skeleton, adapter, fused_attention)
+    moe = sum(isinstance(m, nn.Module) and type(m).__name__ == "FusedMoE" for m in skeleton.modules())
+    kv = adapter.kv_shape(config)
+    if seq2seq:
+        encoder_moe = sum(type(m).__name__ == "FusedMoE" for m in modules["encoder.onnx"].encoder.modules())
+        graphs = dict(zip(modules, export_seq2seq(modules["encoder.onnx"], modules["decoder.onnx"], kv)))
+        moe_layers = {"encoder.onnx": encoder_moe, "decoder.onnx": moe - encoder_moe}
+    else:
+        graphs = {"model.onnx": export_decoder(modules["model.onnx"], kv)}
+        moe_layers = {"model.onnx": moe}
+    fusion_counts: dict[str, int] = {}
+    names: list[str] = []
+    for name, model in graphs.items():
+        passes = [OrtFusions()] if fusions else []
+        passes += [PinIrVersion(), CheckFusedMoE(moe_layers[name])]
+        for p in passes:
+            model = p(model).model
+        graphs[name] = model
+        names = [type(p).__name__ for p in passes]
+        for fusion, n in (passes[0].counts if fusions else {}).items():
+            fusion_counts[fusion] = fusion_counts.get(fusion, 0) + n
+    return Exported(graphs, moe_layers, fused_attention, fusion_counts, names, trace_dtype)
+
+
+# --- 3. bind weights -----------------------------------------------------------------------------
+
+def bind_weights(exported: Exported, checkpoint: Checkpoint, adapter) -> WeightStream:
+    """Bind every weight of the graphs to the checkpoint (LazyTensors, read when written)."""
+    skeleton = build_skeleton(checkpoint.config, checkpoint.dtype, adapter.attn_implementation)
+    stream = WeightStream(skeleton, checkpoint.tensors,
+                          lambda model: export_modules(model, adapter, exported.fused_attention))
+    for name, model in exported.graphs.items():
+        for p in (BindWeights(stream, name), FoldWeightTransposes()):
+            model = p(model).model
+        exported.graphs[name] = model
+    return stream
+
+
+# --- verify's reference ----------------------------------------------------------------------------
+
+def truncated_config(config, layers: int):
+    """``config`` with only its first ``layers`` decoder layers (per-layer lists cut to match)."""
+    total = config.num_hidden_layers
+    config = copy.deepcopy(config)
+    for key, value in list(vars(config).items()):
+        if isinstance(value, list) and len(value) == total:
+            setattr(config, key, value[:layers])
+    config.num_hidden_layers = layers
+    return config
+
+
+def _checkpoint_for(checkpoint: Checkpoint, config) -> Checkpoint:
+    """The same checkpoint seen through a truncated config: only the tensors of its layers."""
+    layers = getattr(config, "num_hidden_layers", None)
+    keep = {k: v for k, v in checkpoint.tensors.items()
+            if (g := group_of(k)) == REST or int(g.rpartition(".")[2]) < layers}
+    return Checkpoint(checkpoint.path, config, keep, checkpoint.dtype, checkpoint.num_bytes,
+                      checkpoint.source_format, checkpoint.quantized)
+
+
+def load_reference_model(checkpoint: Checkpoint, adapter) -> nn.Module:
+    """The Hugging Face model with the checkpoint's weights in fp32 (transformers' own loader), as the
+    oracle of --verify."""
+    model = build_skeleton(checkpoint.config, torch.float32, adapter.attn_implementation)
+    load_groups(model, checkpoint.tensors, list(checkpoint.tensors))
+    missing = [n for n, p in model.named_parameters() if p.is_meta]
+    if missing:
+        raise MoerunError(f"{checkpoint.path}: no weights for {', '.join(missing[:3])}"
+                          f"{' and more' if len(missing) > 3 else ''}")
+    adapter.prepare_reference(model)
+    return model
+
+
+# --- convert ---------------------------------------------------------------------------------------
+
+def _manifest(checkpoint: Checkpoint, adapter, exported: Exported, dtype: str, tokens: dict) -> Manifest:
+    from .. import __version__
+
+    config = checkpoint.config
+    seq2seq = getattr(adapter, "seq2seq", False)
     kv = adapter.kv_shape(config)
     if seq2seq:
         num_layers = adapter.decoder_layers(config)
-        encoder, decoder = export_seq2seq(model, kv, adapter.cross_attention(model), num_layers)
-        encoder_moe = sum(".encoder." in f".{name}." for name in swapped)
-        graphs = {"encoder.onnx": (encoder, encoder_moe), "decoder.onnx": (decoder, len(swapped) - encoder_moe)}
         inputs, outputs = seq2seq_io_names(num_layers)["decoder"]
     else:
         num_layers = config.num_hidden_layers
-        graphs = {"model.onnx": (export_decoder(model, kv, fused_attention), len(swapped))}
-        inputs, outputs = decoder_io_names(num_layers, positions=not fused_attention)
-    stage("graph passes")
-    fusion_counts: dict[str, int] = {}
-    for name, (onnx_model, expected) in graphs.items():
-        passes = ([OrtFusions()] if fusions else []) + ([ToFloat16()] if fp16_after else [])
-        passes += [PinIrVersion(), CheckFusedMoE(expected)]
-        for p in passes:
-            onnx_model = p(onnx_model).model
-        graphs[name] = onnx_model
-        for fusion, n in (passes[0].counts if fusions else {}).items():
-            fusion_counts[fusion] = fusion_counts.get(fusion, 0) + n
-    decoder_start = _decoder_start(model)
-    del model
-
-    from .. import __version__
-
-    manifest = Manifest(
+        inputs, outputs = decoder_io_names(num_layers, positions=not exported.fused_attention)
+    return Manifest(
         architecture=adapter.architectures[0],
         model_type=config.model_type,
         kind="seq2seq" if seq2seq else "decoder",
         model_file="decoder.onnx" if seq2seq else "model.onnx",
         encoder_file="encoder.onnx" if seq2seq else None,
-        encoder_moe_layers=encoder_moe if seq2seq else 0,
-        decoder_start_token_id=decoder_start if seq2seq else None,
+        encoder_moe_layers=exported.moe_layers.get("encoder.onnx", 0),
+        decoder_start_token_id=tokens["decoder_start"] if seq2seq else None,
         num_layers=num_layers,
         num_kv_heads=kv.heads,
         head_dim=kv.key_dim,
@@ -186,41 +278,158 @@ def convert(
         hidden_size=getattr(config, "hidden_size", None) or config.d_model,
         num_experts=adapter.num_experts(config),
         experts_per_token=adapter.experts_per_token(config),
-        moe_layers=len(swapped),
+        moe_layers=sum(exported.moe_layers.values()),
         dtype=dtype,
-        attention="gqa" if fused_attention else "traced",
+        attention="gqa" if exported.fused_attention else "traced",
         inputs=inputs,
         outputs=outputs,
-        passes=[type(p).__name__ for p in passes],
-        fusions=fusion_counts,
-        eos_token_id=eos,
-        pad_token_id=pad,
-        bos_token_id=bos,
-        source=str(source.resolve()),
+        passes=list(exported.passes),
+        fusions=exported.fusions,
+        eos_token_id=tokens["eos"],
+        pad_token_id=tokens["pad"],
+        bos_token_id=tokens["bos"],
+        source=str(checkpoint.path.resolve()),
         moerun_version=__version__,
     )
-    if quantize is not None:
-        stage(f"quantize ({quantize.label})")
-        graphs, _ = apply_quantization(graphs, manifest, quantize)
+
+
+def _write_graphs(graphs: dict[str, ir.Model], directory: Path,
+                  on_bytes: Callable[[int], None] | None) -> dict[str, SavedGraph]:
+    return {name: save_model(model, directory, name, on_bytes) for name, model in graphs.items()}
+
+
+def convert(
+    source: str | Path,
+    output: str | Path,
+    *,
+    dtype: str = "fp32",
+    overwrite: bool = False,
+    verify: bool = False,
+    verify_layers: int | None = None,
+    tolerance: float | None = None,
+    quantize: QuantizeOptions | None = None,
+    fusions: bool = True,
+    source_format: str = "hf",
+    on_stage: Callable[[str], None] | None = None,
+    on_progress: Callable[[int, int], None] | None = None,
+) -> ConvertResult:
+    """Export ``source`` to ``output`` with one com.microsoft.MoE node per MoE layer.
+
+    ``source_format`` is "hf" (a Hugging Face directory) or "fairseq" (an MoE checkpoint as fairseq
+    writes it: ``<name>-shared.pt`` and ``<name>-rank-N.pt``).
+    ``fusions`` fuses attention, RMSNorm and rotary subgraphs into ONNX Runtime's contrib ops.
+    With ``quantize``, the experts (and optionally dense weights) are quantized as they are written.
+    ``verify`` compares against PyTorch; ``verify_layers`` does it on the model cut to its first N
+    layers (real weights, the same pipeline) for checkpoints too big to run whole in PyTorch.
+    ``on_progress(done, total)`` reports the bytes written. Memory stays at about one layer of the
+    model; nothing is written to ``output`` unless every stage (and the verification) succeeds.
+    """
+    source, output = Path(source), Path(output)
+    checkpoint, adapter = check(source, output, dtype, overwrite, quantize, source_format)
+    seq2seq = getattr(adapter, "seq2seq", False)
+    if verify_layers is not None:
+        if seq2seq:
+            raise MoerunError("--verify-layers applies to decoder-only models; use --verify")
+        if not 1 <= verify_layers < checkpoint.config.num_hidden_layers:
+            raise MoerunError(f"--verify-layers must be between 1 and {checkpoint.config.num_hidden_layers - 1} "
+                              f"for this {checkpoint.config.num_hidden_layers}-layer model")
+    # `--quantize --fp16` on a decoder is traced in fp16 (every weight streamed as fp16); encoder-decoders go
+    # through ONNX Runtime's float16 converter after quantization.
+    graph_dtype = "fp16" if dtype == "fp16" or (quantize is not None and quantize.fp16) else "fp32"
+    stage = _Stages(on_stage)
+    tokens = _special_tokens(checkpoint)
+
+    def build(ckpt: Checkpoint) -> tuple[Exported, WeightStream, Manifest]:
+        exported = export_graphs(ckpt, adapter, graph_dtype, fusions)
+        stream = bind_weights(exported, ckpt, adapter)
+        manifest = _manifest(ckpt, adapter, exported, graph_dtype, tokens)
+        fp16_pass = seq2seq and graph_dtype == "fp16"
+        if quantize is not None:
+            exported.graphs, _ = apply_quantization(exported.graphs, manifest, quantize, fp16_pass=fp16_pass)
+        elif fp16_pass:
+            for name, model in exported.graphs.items():
+                exported.graphs[name] = ToFloat16()(model).model
+            manifest.passes.append("ToFloat16")
+        return exported, stream, manifest
+
+    ref = ref_checkpoint = None
+    if verify or verify_layers:
+        stage("reference outputs (PyTorch)")
+        ref_checkpoint = checkpoint
+        if verify_layers:
+            ref_checkpoint = _checkpoint_for(checkpoint, truncated_config(checkpoint.config, verify_layers))
+        model = load_reference_model(ref_checkpoint, adapter)
+        pad = tokens["pad"] if tokens["pad"] is not None else (tokens["eos"][0] if tokens["eos"] else 0)
+        fused = fusions and adapter.fused_attention and not seq2seq and not unfusable_reason(model)
+        if seq2seq:
+            ref = verify_mod.reference_seq2seq(model, tokens["eos"], pad, tokens["decoder_start"])
+        else:
+            ref = verify_mod.reference(model, tokens["eos"], pad, right_padded=fused)
+        del model
+
+    stage("export ONNX (tracing without weights)")
+    exported, stream, manifest = build(checkpoint)
+    manifest.max_positions = getattr(checkpoint.config, "max_position_embeddings", None)
+    manifest.source_format = checkpoint.source_format
+    manifest.source_quantization = list(checkpoint.quantized)
+    total = sum(v.const_value.nbytes for g in exported.graphs.values() for v in g.graph.initializers.values()
+                if v.const_value is not None)
+    check_disk_space(output, total)
+    progress = _Progress(on_progress, total)
+
     with staged_directory(output, overwrite) as staging:
-        stage("save")
-        files = [f for name, g in graphs.items() for f in save_model(g, staging, name)]
+        report = None
+        if ref is not None and verify_layers:
+            # the first layers, streamed and written by the same pipeline, against PyTorch: before the long write
+            stage(f"verify the first {verify_layers} layers (ONNX Runtime)")
+            small, _, small_manifest = build(ref_checkpoint)
+            target = staging / ".verify"
+            target.mkdir()
+            _write_graphs(small.graphs, target, None)
+            small_manifest.save(target)
+            report = _verify(target, ref, tolerance, quantize, graph_dtype, seq2seq)
+            shutil.rmtree(target)
+            manifest.verify = {**report.to_dict(),
+                               "scope": f"first {verify_layers} of {checkpoint.config.num_hidden_layers} layers"}
+            verify_mod.check(report)
+        stage(f"write weights ({human_bytes(total)})")
+        saved = _write_graphs(exported.graphs, staging, progress)
+        files = [f for s in saved.values() for f in s.files]
         files += copy_side_files(source if source.is_dir() else source.parent, staging)
         if not (staging / "config.json").is_file():  # fairseq: the Hugging Face config it was mapped to
-            config.to_json_file(staging / "config.json")
+            checkpoint.config.to_json_file(staging / "config.json")
             files.append("config.json")
-        report = None
-        if ref is not None:
-            manifest.save(staging)
+        manifest.weights = {name: {"tensors": len(s.sha256), "bytes": s.tensor_bytes, "sha256": s.sha256}
+                            for name, s in saved.items()}
+        if ref is not None and not verify_layers:
             stage("verify (ONNX Runtime)")
-            tol = tolerance
-            if tol is None and quantize is None:  # a quantized model is reported on, not held to fp tolerance
-                tol = verify_mod.DEFAULT_TOLERANCE[dtype]
-            compare = verify_mod.compare_seq2seq if seq2seq else verify_mod.compare
-            report = compare(MoEModel.load(staging, provider="cpu"), ref, tol)
-            manifest.verify = report.to_dict()
+            manifest.save(staging)
+            report = _verify(staging, ref, tolerance, quantize, graph_dtype, seq2seq)
+            manifest.verify = {**report.to_dict(), "scope": "whole model"}
             verify_mod.check(report)
         manifest.save(staging)
         files.append("moerun.json")
         onnx_bytes = sum((staging / f).stat().st_size for f in files if ".onnx" in f)
-    return ConvertResult(output, manifest, files, checkpoint.num_bytes, onnx_bytes, stage.finish(), report)
+    return ConvertResult(output, manifest, files, checkpoint.num_bytes, onnx_bytes, stage.finish(), report,
+                         stream.loads)
+
+
+def _verify(directory: Path, ref, tolerance: float | None, quantize: QuantizeOptions | None, dtype: str,
+            seq2seq: bool) -> verify_mod.VerifyReport:
+    tol = tolerance
+    if tol is None and quantize is None:  # a quantized model is reported on, not held to fp tolerance
+        tol = verify_mod.DEFAULT_TOLERANCE[dtype]
+    compare = verify_mod.compare_seq2seq if seq2seq else verify_mod.compare
+    return compare(MoEModel.load(directory, provider="cpu"), ref, tol)
+
+
+class _Progress:
+    """Adds up the bytes written and reports (done, total)."""
+
+    def __init__(self, callback: Callable[[int, int], None] | None, total: int) -> None:
+        self.callback, self.total, self.done = callback, total, 0
+
+    def __call__(self, n: int) -> None:
+        self.done += n
+        if self.callback:
+            self.callback(self.done, self.total)

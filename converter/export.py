@@ -3,6 +3,10 @@
 Each MoE block has been swapped for ``FusedMoE`` (one ``moerun::moe`` call) before tracing; the
 translation table turns that call into one com.microsoft.MoE node. The model is wrapped so its
 forward takes the KV cache as flat tensors and returns logits plus the flat presents.
+
+``trace`` takes a skeleton (parameters on the meta device, ``converter.weights``): tracing then
+costs the same for any model size and the graph's weights are initializers without values, bound
+later to the checkpoint by ``WeightStream``. A module with real weights exports them as they are.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ import logging
 from dataclasses import dataclass
 
 import onnx_ir as ir
+import onnxscript
 import torch
 from torch import nn
 from transformers import DynamicCache
@@ -21,7 +26,7 @@ from ..runtime.errors import ExportError
 from ..runtime.manifest import decoder_io_names
 from .attention import DecoderWithFusedAttention
 
-__all__ = ["DecoderWithCache", "KVShape", "export_decoder", "kv_shape"]
+__all__ = ["DecoderWithCache", "KVShape", "export_decoder", "kv_shape", "trace"]
 
 log = logging.getLogger(__name__)
 
@@ -102,12 +107,12 @@ def _name_dynamic_dims(model: ir.Model, num_layers: int, present_length: str) ->
         ])
 
 
-def export_decoder(model: nn.Module, kv: KVShape, fused_attention: bool = False) -> ir.Model:
-    """Export a decoder whose MoE blocks are already fused; returns the ONNX model in memory.
-
-    ``fused_attention``: one GroupQueryAttention node per layer (``converter.attention``); the graph
-    then takes no position_ids and its attention_mask is right-padded.
-    """
+def export_decoder(wrapper: nn.Module, kv: KVShape) -> ir.Model:
+    """Export a decoder wrapped for KV-cache I/O (``DecoderWithCache``, or ``DecoderWithFusedAttention``:
+    one GroupQueryAttention node per layer, no position_ids, right-padded attention_mask) whose MoE
+    blocks are already fused; returns the ONNX model in memory."""
+    fused_attention = isinstance(wrapper, DecoderWithFusedAttention)
+    model = wrapper.model
     config = model.config
     layers = config.num_hidden_layers
     input_names, output_names = decoder_io_names(layers, positions=not fused_attention)
@@ -120,25 +125,47 @@ def export_decoder(model: nn.Module, kv: KVShape, fused_attention: bool = False)
         *([] if fused_attention else [{0: batch, 1: seq}]),
         tuple(kv_dims for _ in range(2 * layers)),
     )
-    if fused_attention:
-        wrapper = DecoderWithFusedAttention(model, config.max_position_embeddings).eval()
-    else:
-        wrapper = DecoderWithCache(model).eval()
+    ir_model = trace(wrapper.eval(), _sample_inputs(config, kv, dtype, positions=not fused_attention), input_names,
+                     output_names, dynamic_shapes, type(model).__name__)
+    _name_dynamic_dims(ir_model, layers, "present_sequence_length" if fused_attention else "total_sequence_length")
+    return ir_model
+
+
+def trace(module: nn.Module, args: tuple, input_names: list[str], output_names: list[str], dynamic_shapes,
+          what: str) -> ir.Model:
+    """torch.onnx.export(dynamo=True) of ``module`` on ``args``.
+
+    A skeleton (meta parameters) is traced on the meta device: its real buffers (rotary tables,
+    sinusoidal positions) keep their values, every other initializer is left without a value.
+    onnxscript's optimizer then runs as ``optimize=True`` would, skipping the valueless weights.
+    """
+    meta = any(p.is_meta for p in module.parameters())
+    buffers: dict[str, torch.Tensor] = {}
+    if meta:
+        buffers = {name: b.detach().contiguous().clone()
+                   for name, b in module.named_buffers(remove_duplicate=False) if not b.is_meta}
+        module = module.to("meta")
+        args = tuple(a.to("meta") for a in args)
     try:
         with torch.no_grad():
             program = torch.onnx.export(
-                wrapper,
-                _sample_inputs(config, kv, dtype, positions=not fused_attention),
-                dynamo=True,
-                input_names=input_names,
-                output_names=output_names,
-                dynamic_shapes=dynamic_shapes,
-                custom_translation_table={**ONNX_TRANSLATION, **GQA_TRANSLATION},
-                optimize=True,
-                verbose=False,
+                module.eval(), args, dynamo=True, input_names=input_names, output_names=output_names,
+                dynamic_shapes=dynamic_shapes, custom_translation_table={**ONNX_TRANSLATION, **GQA_TRANSLATION},
+                optimize=not meta, verbose=False,
             )
     except Exception as e:  # the exporter raises many types; all mean the same thing to the user
-        raise ExportError(f"torch.onnx.export failed for {type(model).__name__}: {str(e).splitlines()[0]}") from e
-    ir_model = program.model
-    _name_dynamic_dims(ir_model, layers, "present_sequence_length" if fused_attention else "total_sequence_length")
-    return ir_model
+        raise ExportError(f"torch.onnx.export failed for {what}: {str(e).splitlines()[0]}") from e
+    model = program.model
+    if meta:
+        for name, value in model.graph.initializers.items():
+            raw = getattr(value.const_value, "raw", None)
+            if isinstance(raw, torch.Tensor) and raw.is_meta:
+                value.const_value = ir.tensor(buffers[name].numpy(), name=name) if name in buffers else None
+        # the deduplication pass warns about each valueless weight, which is what a skeleton's weights are
+        dedup = logging.getLogger("onnx_ir.passes.common.initializer_deduplication")
+        level, dedup.level = dedup.level, logging.ERROR
+        try:
+            onnxscript.optimizer.optimize_ir(model)
+        finally:
+            dedup.setLevel(level)
+    return model

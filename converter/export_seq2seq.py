@@ -17,10 +17,8 @@ from torch import nn
 from transformers import DynamicCache, EncoderDecoderCache
 from transformers.modeling_outputs import MoEModelOutput
 
-from ..custom_ops.torch_op import ONNX_TRANSLATION
-from ..runtime.errors import ExportError
 from ..runtime.manifest import seq2seq_io_names
-from .export import KVShape
+from .export import KVShape, trace
 
 __all__ = ["DecoderStep", "EncoderWithCrossKV", "export_seq2seq"]
 
@@ -35,7 +33,10 @@ class EncoderWithCrossKV(nn.Module):
         super().__init__()
         self.encoder = model.get_encoder()
         self.cross = cross
-        self.projections = nn.ModuleList([nn.ModuleList([c.key, c.value]) for c in cross])  # weights traced once
+        # The cross-attention projections are the decoder's layers' weights: named "decoder.layers.N" so that
+        # WeightStream finds them in the checkpoint's decoder layer group N.
+        self.decoder = nn.Module()
+        self.decoder.layers = nn.ModuleList([nn.ModuleList([c.key, c.value]) for c in cross])
 
     def forward(self, input_ids, attention_mask):
         hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
@@ -78,19 +79,6 @@ class DecoderStep(nn.Module):
         return (out.logits, *presents)
 
 
-def _export(module: nn.Module, args: tuple, input_names, output_names, dynamic_shapes, what: str) -> ir.Model:
-    try:
-        with torch.no_grad():
-            program = torch.onnx.export(
-                module.eval(), args, dynamo=True, input_names=input_names, output_names=output_names,
-                dynamic_shapes=dynamic_shapes, custom_translation_table=ONNX_TRANSLATION, optimize=True,
-                verbose=False,
-            )
-    except Exception as e:  # the exporter raises many types; all mean the same thing to the user
-        raise ExportError(f"torch.onnx.export of the {what} failed: {str(e).splitlines()[0]}") from e
-    return program.model
-
-
 def _name_dims(model: ir.Model, names: dict[str, tuple]) -> None:
     for value in [*model.graph.inputs, *model.graph.outputs]:
         dims = names.get(value.name)
@@ -99,8 +87,10 @@ def _name_dims(model: ir.Model, names: dict[str, tuple]) -> None:
         value.shape = ir.Shape([ir.SymbolicDim(d) if d is not None else old for old, d in zip(value.shape, dims)])
 
 
-def export_seq2seq(model: nn.Module, kv: KVShape, cross: list, num_layers: int) -> tuple[ir.Model, ir.Model]:
+def export_seq2seq(encoder_module: EncoderWithCrossKV, decoder_module: DecoderStep,
+                   kv: KVShape) -> tuple[ir.Model, ir.Model]:
     """(encoder, decoder) ONNX models of an encoder-decoder whose MoE blocks are already fused."""
+    model, num_layers = decoder_module.model, decoder_module.num_layers
     config = model.config
     dtype = next(model.parameters()).dtype
     names = seq2seq_io_names(num_layers)
@@ -111,8 +101,8 @@ def export_seq2seq(model: nn.Module, kv: KVShape, cross: list, num_layers: int) 
     src_ids = torch.randint(3, config.vocab_size, (_BATCH, _SOURCE), generator=g)
     src_mask = torch.ones(_BATCH, _SOURCE, dtype=torch.int64)
     src_mask[1, -2:] = 0
-    encoder = _export(EncoderWithCrossKV(model, cross), (src_ids, src_mask), *names["encoder"],
-                      ({0: batch, 1: source}, {0: batch, 1: source}), "encoder")
+    encoder = trace(encoder_module, (src_ids, src_mask), *names["encoder"],
+                    ({0: batch, 1: source}, {0: batch, 1: source}), "the encoder")
 
     tgt_ids = torch.randint(3, config.vocab_size, (_BATCH, _TARGET), generator=g)
     self_kv = tuple(torch.randn(_BATCH, kv.heads, _PAST, d, generator=g).to(dtype)
@@ -121,8 +111,8 @@ def export_seq2seq(model: nn.Module, kv: KVShape, cross: list, num_layers: int) 
                      for _ in range(num_layers) for d in (kv.key_dim, kv.value_dim))
     dyn = ({0: batch, 1: target}, {0: batch, 1: source},
            tuple({0: batch, 2: past} for _ in self_kv) + tuple({0: batch, 2: source} for _ in cross_kv))
-    decoder = _export(DecoderStep(model, num_layers), (tgt_ids, src_mask, *self_kv, *cross_kv),
-                      *names["decoder"], dyn, "decoder")
+    decoder = trace(decoder_module, (tgt_ids, src_mask, *self_kv, *cross_kv),
+                    *names["decoder"], dyn, "the decoder")
 
     dims = {"input_ids": ("batch_size", "source_length"), "attention_mask": ("batch_size", "source_length"),
             "encoder_hidden_states": ("batch_size", "source_length", None)}

@@ -76,31 +76,34 @@ class QuantizeResult:
     layers: list[dict] = field(default_factory=list)
 
 
-def quantize_passes(options: QuantizeOptions, moe_layers: int) -> list[ir.passes.PassBase]:
-    passes: list[ir.passes.PassBase] = [QuantizeExperts(options.spec, options.accuracy_level)]
+def quantize_passes(options: QuantizeOptions, moe_layers: int, fp16_pass: bool = True,
+                    layers: list[dict] | None = None) -> list[ir.passes.PassBase]:
+    """The passes of ``options``; ``fp16_pass`` False: the graph was already traced in fp16. ``layers``
+    collects each MoE layer's weight error as the experts are quantized."""
+    passes: list[ir.passes.PassBase] = [QuantizeExperts(options.spec, options.accuracy_level, layers)]
     if options.dense != "none":
         passes.append(QuantizeDense(bits=8 if options.dense == "int8" else 4, block_size=32,
                                     accuracy_level=options.accuracy_level))
-    if options.fp16:
+    if options.fp16 and fp16_pass:
         passes.append(ToFloat16())
     return passes + [PinIrVersion(), CheckFusedMoE(moe_layers)]
 
 
-def apply_quantization(graphs: dict[str, ir.Model], manifest: Manifest,
-                       options: QuantizeOptions) -> tuple[dict[str, ir.Model], dict]:
+def apply_quantization(graphs: dict[str, ir.Model], manifest: Manifest, options: QuantizeOptions,
+                       fp16_pass: bool = True) -> tuple[dict[str, ir.Model], dict]:
     """Run the quantization passes on each graph (file name -> model; one for a decoder, encoder and
-    decoder for seq2seq); returns them and the manifest's quantization record."""
+    decoder for seq2seq); returns them and the manifest's quantization record. Expert weights are
+    quantized lazily: when the model is written, one layer at a time (the record's "layers" fill then)."""
     if manifest.quantization:
         raise MoerunError("this model is already quantized; quantize the fp32/fp16 export instead")
     expected = manifest.graphs()
     record = {**asdict(options), "label": options.label, "layers": []}
     out = {}
     for name, model in graphs.items():
-        passes = quantize_passes(options, expected[name])
+        passes = quantize_passes(options, expected[name], fp16_pass, record["layers"])
         for p in passes:
             model = p(model).model
         out[name] = model
-        record["layers"] += passes[0].layers
         for p in passes:
             if isinstance(p, QuantizeDense):
                 record["dense_nodes"] = [*record.get("dense_nodes", []), *p.quantized]

@@ -15,7 +15,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["METHODS", "QuantSpec", "QuantizedWeight", "dequantize", "pack", "quantize", "unpack"]
+__all__ = ["METHODS", "QuantSpec", "QuantizedWeight", "dequantize", "pack", "quantize", "quantize_with_error",
+           "unpack"]
 
 METHODS = ("rtn", "mse")
 # Clip ratios searched by --method mse: the group's range is scaled by each, the best error wins.
@@ -120,6 +121,29 @@ def quantize(w: np.ndarray, spec: QuantSpec) -> QuantizedWeight:
         zp = pack(zero.astype(np.uint8) if spec.block_size else zero[..., 0].astype(np.uint8), spec.bits)
     scales = scale if spec.block_size else scale[..., 0]
     return QuantizedWeight(packed, scales.astype(np.float32), zp, (e, n, k))
+
+
+# Experts quantized at a time: about this many weights, so the search's temporaries stay near 100 MB.
+CHUNK_ELEMENTS = 1 << 22
+
+
+def quantize_with_error(w: np.ndarray, spec: QuantSpec) -> tuple[QuantizedWeight, float]:
+    """``quantize`` a few experts at a time (bounded memory, whatever E is) and the relative RMS error of
+    the weights it gives, ||dequantized - w|| / ||w||."""
+    e, n, k = w.shape
+    spec.check(n, k)
+    step = max(1, CHUNK_ELEMENTS // (n * k))
+    parts, err, norm = [], 0.0, 0.0
+    for start in range(0, e, step):
+        chunk = np.asarray(w[start:start + step], dtype=np.float32)
+        q = quantize(chunk, spec)
+        err += float(np.square(dequantize(q, spec) - chunk, dtype=np.float64).sum())
+        norm += float(np.square(chunk, dtype=np.float64).sum())
+        parts.append(q)
+    zero_points = None if spec.symmetric else np.concatenate([p.zero_points for p in parts])
+    merged = QuantizedWeight(np.concatenate([p.packed for p in parts]), np.concatenate([p.scales for p in parts]),
+                             zero_points, (e, n, k))
+    return merged, float(np.sqrt(err / max(norm, 1e-30)))
 
 
 def _error(g, scale, zero, q) -> np.ndarray:

@@ -1,6 +1,8 @@
 """Graph passes on the exported ONNX model; each takes a model and returns a PassResult."""
 
+from .bind_weights import BindWeights
 from .check_fused import CheckFusedMoE, count_ops
+from .fold_transposes import FoldWeightTransposes
 from .fp16 import ToFloat16
 from .fusions import OrtFusions
 from .ir_version import MAX_IR_VERSION, PinIrVersion
@@ -9,7 +11,9 @@ from .quantize_experts import QuantizeExperts
 
 __all__ = [
     "MAX_IR_VERSION",
+    "BindWeights",
     "CheckFusedMoE",
+    "FoldWeightTransposes",
     "OrtFusions",
     "PinIrVersion",
     "QuantizeDense",

@@ -8,7 +8,7 @@ import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 
-from ...custom_ops.quantize import QuantSpec, dequantize, quantize
+from ...custom_ops.quantize import QuantizedWeight, QuantSpec, quantize_with_error
 from ...custom_ops.schemas import DOMAIN
 from ...runtime.errors import MoerunError
 
@@ -24,32 +24,64 @@ def _input(node: ir.Node, index: int) -> ir.Value | None:
     return node.inputs[index] if index < len(node.inputs) else None
 
 
-def _const(node: ir.Node, index: int, what: str) -> np.ndarray:
+def _weight(node: ir.Node, index: int, what: str) -> ir.Value:
     value = _input(node, index)
-    if value is None or value.const_value is None:
-        raise MoerunError(f"{node.name}: {what} is not a constant initializer; cannot quantize it")
-    return value.const_value.numpy()
+    if value is None or value.const_value is None or value.shape is None or len(value.shape) != 3:
+        raise MoerunError(f"{node.name}: {what} is not a constant (E, N, K) initializer; cannot quantize it")
+    return value
 
 
-def _initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
-    value = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
-                     const_value=ir.tensor(array, name=name))
+def _initializer(graph: ir.Graph, tensor: ir.TensorProtocol) -> ir.Value:
+    value = ir.Value(name=tensor.name, shape=tensor.shape, type=ir.TensorType(tensor.dtype), const_value=tensor)
     graph.register_initializer(value)
     return value
 
 
-def _rel_rmse(original: np.ndarray, approx: np.ndarray) -> float:
-    return float(np.sqrt(np.mean(np.square(approx - original)) / max(np.mean(np.square(original)), 1e-30)))
+class _Quantized:
+    """One expert weight, quantized on first use and shared by its packed weights, scales and zero points;
+    dropped once each of them has been read (written), so one layer is in memory at a time."""
+
+    def __init__(self, source: ir.TensorProtocol, spec: QuantSpec, record: dict, what: str) -> None:
+        self.source, self.spec, self.record, self.what = source, spec, record, what
+        self.readers = 2 if spec.symmetric else 3
+        self._result: QuantizedWeight | None = None
+        self._pending = 0
+
+    def part(self, attr: str) -> np.ndarray:
+        if self._result is None:
+            self._result, rel_rmse = quantize_with_error(self.source.numpy(), self.spec)
+            self.record[f"{self.what}_rel_rmse"] = rel_rmse
+            self._pending = self.readers
+            log.info("%s %s: rel rmse %.4f", self.record["node"], self.what, rel_rmse)
+        part = getattr(self._result, attr)
+        self._pending -= 1
+        if self._pending == 0:
+            self._result = None
+        return part
+
+
+def _lazy(name: str, dtype: ir.DataType, shape: tuple, compute) -> ir.LazyTensor:
+    return ir.LazyTensor(lambda: ir.tensor(compute(), name=name), dtype=dtype, shape=ir.Shape(shape), name=name)
+
+
+def _zero_point_shape(e: int, n: int, groups: int | None, bits: int) -> tuple:
+    """Zero points are packed like the weights along their last axis (per row: along N)."""
+    per_byte = 8 // bits
+    return (e, n, groups // per_byte) if groups else (e, n // per_byte)
 
 
 class QuantizeExperts(ir.passes.InPlacePass):
-    """MoE -> QMoE; ``self.layers`` afterwards holds each layer's relative RMS weight error."""
+    """MoE -> QMoE, expert weights quantized lazily: per expert, when the model is written.
 
-    def __init__(self, spec: QuantSpec, accuracy_level: int | None = None) -> None:
+    ``self.layers`` holds one record per MoE node; each record's relative RMS weight errors
+    (``fc1_rel_rmse``, ``fc2_rel_rmse``) are filled in as that layer is quantized.
+    """
+
+    def __init__(self, spec: QuantSpec, accuracy_level: int | None = None, layers: list[dict] | None = None) -> None:
         super().__init__()
         self.spec = spec
         self.accuracy_level = accuracy_level
-        self.layers: list[dict] = []
+        self.layers: list[dict] = [] if layers is None else layers
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
@@ -63,38 +95,44 @@ class QuantizeExperts(ir.passes.InPlacePass):
         common_passes.RemoveUnusedNodesPass()(model)
         return ir.passes.PassResult(model, modified=True)
 
+    def _quantized_inputs(self, graph: ir.Graph, weight: ir.Value, record: dict, what: str) -> list:
+        spec = self.spec
+        e, n, k = (int(d) for d in weight.shape)
+        try:
+            spec.check(n, k, what)
+        except ValueError as err:
+            raise MoerunError(f"cannot quantize {record['node']} {what} {(e, n, k)}: {err}") from None
+        groups = k // spec.block_size if spec.block_size else None
+        q = _Quantized(weight.const_value, spec, record, what)
+        dtype, name = weight.dtype, weight.name  # named after the weight: its layer group is written with it
+        inputs = [
+            _initializer(graph, _lazy(f"{name}.qweight", ir.DataType.UINT8, (e, n, k * spec.bits // 8),
+                                      lambda: q.part("packed"))),
+            # scales in the activations' precision
+            _initializer(graph, _lazy(f"{name}.scales", dtype, (e, n, groups) if groups else (e, n),
+                                      lambda: q.part("scales").astype(dtype.numpy()))),
+        ]
+        if not spec.symmetric:
+            inputs.append(_initializer(graph, _lazy(f"{name}.zero_points", ir.DataType.UINT8,
+                                                    _zero_point_shape(e, n, groups, spec.bits),
+                                                    lambda: q.part("zero_points"))))
+        return inputs
+
     def _rewrite(self, graph: ir.Graph, node: ir.Node, index: int) -> None:
         if _input(node, _FC3) is not None:
             raise MoerunError(f"{node.name}: separate fc3 expert weights are not supported by the quantizer")
-        spec, prefix = self.spec, f"moe{index}"
-        record = {"node": node.name}
-        packed = []
-        for fc, what in ((_FC1, "fc1"), (_FC2, "fc2")):
-            weight = _const(node, fc, f"{what} weights")
-            try:
-                q = quantize(weight.astype(np.float32), spec)
-            except ValueError as e:
-                raise MoerunError(f"cannot quantize {node.name} {what} {weight.shape}: {e}") from None
-            record[f"{what}_rel_rmse"] = _rel_rmse(weight.astype(np.float32), dequantize(q, spec))
-            scales = q.scales.astype(weight.dtype)  # scales in the activations' precision
-            packed.append((
-                _initializer(graph, f"{prefix}.{what}.qweight", q.packed),
-                _initializer(graph, f"{prefix}.{what}.scales", scales),
-                None if q.zero_points is None else _initializer(graph, f"{prefix}.{what}.zero_points", q.zero_points),
-            ))
-        (w1, s1, z1), (w2, s2, z2) = packed
+        record = {"node": node.name or f"moe{index}"}
+        w1, s1, *z1 = self._quantized_inputs(graph, _weight(node, _FC1, "fc1 weights"), record, "fc1")
+        w2, s2, *z2 = self._quantized_inputs(graph, _weight(node, _FC2, "fc2 weights"), record, "fc2")
         attributes = {name: attr.value for name, attr in node.attributes.items()}
-        attributes.update(expert_weight_bits=spec.bits, weights_prepacked=0)
-        if spec.block_size:
-            attributes["block_size"] = spec.block_size
+        attributes.update(expert_weight_bits=self.spec.bits, weights_prepacked=0)
+        if self.spec.block_size:
+            attributes["block_size"] = self.spec.block_size
         if self.accuracy_level:
             attributes["accuracy_level"] = self.accuracy_level
         inputs = [node.inputs[0], node.inputs[1], w1, s1, _input(node, _FC1_BIAS), w2, s2, _input(node, _FC2_BIAS),
-                  None, None, None]
-        if z1 is not None:
-            inputs += [z1, z2]
-        new = ir.node("QMoE", inputs, attributes, domain=DOMAIN, name=f"{node.name or prefix}_q{spec.bits}")
+                  None, None, None, *z1, *z2]
+        new = ir.node("QMoE", inputs, attributes, domain=DOMAIN, name=f"{record['node']}_q{self.spec.bits}")
         new.outputs[0].shape, new.outputs[0].type = node.outputs[0].shape, node.outputs[0].type
         ir.convenience.replace_nodes_and_values(graph, node, [node], [new], [node.outputs[0]], [new.outputs[0]])
         self.layers.append(record)
-        log.info("%s: fc1 rel rmse %.4f, fc2 %.4f", node.name, record["fc1_rel_rmse"], record["fc2_rel_rmse"])
