@@ -14,6 +14,7 @@ The stages, each a function below:
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import shutil
 import time
@@ -399,6 +400,11 @@ def convert(
         if not (staging / "config.json").is_file():  # fairseq: the Hugging Face config it was mapped to
             checkpoint.config.to_json_file(staging / "config.json")
             files.append("config.json")
+        if checkpoint.quantized:  # the weights are no longer MXFP4/FP8: drop what says they are
+            config_file = staging / "config.json"
+            config_json = json.loads(config_file.read_text())
+            config_json.pop("quantization_config", None)
+            config_file.write_text(json.dumps(config_json, indent=2) + "\n")
         manifest.weights = {name: {"tensors": len(s.sha256), "bytes": s.tensor_bytes, "sha256": s.sha256}
                             for name, s in saved.items()}
         if ref is not None and not verify_layers:

@@ -29,6 +29,9 @@ from .attention import DecoderWithFusedAttention
 __all__ = ["DecoderWithCache", "KVShape", "export_decoder", "kv_shape", "trace"]
 
 log = logging.getLogger(__name__)
+# onnx_ir's initializer deduplication warns about every initializer without a value, which is what a
+# skeleton's weights are until they are bound (the optimizer and the ORT fusions both run it)
+logging.getLogger("onnx_ir.passes.common.initializer_deduplication").setLevel(logging.ERROR)
 
 # Sample sizes for tracing: distinct and > 1 so that no dimension is specialised to a constant.
 _BATCH, _SEQ, _PAST = 2, 3, 5
@@ -161,11 +164,5 @@ def trace(module: nn.Module, args: tuple, input_names: list[str], output_names: 
             raw = getattr(value.const_value, "raw", None)
             if isinstance(raw, torch.Tensor) and raw.is_meta:
                 value.const_value = ir.tensor(buffers[name].numpy(), name=name) if name in buffers else None
-        # the deduplication pass warns about each valueless weight, which is what a skeleton's weights are
-        dedup = logging.getLogger("onnx_ir.passes.common.initializer_deduplication")
-        level, dedup.level = dedup.level, logging.ERROR
-        try:
-            onnxscript.optimizer.optimize_ir(model)
-        finally:
-            dedup.setLevel(level)
+        onnxscript.optimizer.optimize_ir(model)
     return model

@@ -133,6 +133,9 @@ def _config(args: dict, shared: dict, file: Path):
             raise CheckpointError(f"{file}: the checkpoint's config has no {key!r}")
         return args[key]
 
+    if "decoder.embed_tokens.weight" not in shared:
+        raise CheckpointError(f"{file}: no 'decoder.embed_tokens.weight' in its state dict; "
+                              "not an NLLB-MoE-style fairseq translation checkpoint")
     vocab, d_model = shared["decoder.embed_tokens.weight"].shape
     freq = int(need("moe_freq"))
     config = NllbMoeConfig(

@@ -49,9 +49,16 @@ def human_bytes(n: float) -> str:
     return f"{n:.1f} GB"
 
 
+def _exists(path: Path) -> bool:
+    try:
+        return path.exists()
+    except PermissionError:
+        raise MoerunError(f"cannot access {path}: permission denied") from None
+
+
 def _existing_ancestor(path: Path) -> Path:
     path = path.absolute()
-    while not path.exists():
+    while not _exists(path):
         path = path.parent
     return path
 
@@ -60,11 +67,11 @@ def check_output(output: Path, overwrite: bool, source: Path | None = None) -> N
     """Refuse, before any work, an output that exists (without ``overwrite``), that is or overlaps the
     source, or whose directory cannot be written."""
     output = Path(output)
-    if output.exists() and not overwrite:
+    if _exists(output) and not overwrite:
         raise OutputExistsError(f"{output} exists; pass --overwrite to replace it")
     if output.exists() and not output.is_dir():
         raise OutputExistsError(f"{output} exists and is not a directory")
-    if source is not None:
+    if source is not None and _exists(Path(source)):
         out, src = output.resolve(), Path(source).resolve()
         src_dir = src if src.is_dir() else src.parent
         if out == src_dir or src_dir in out.parents or out in src_dir.parents:

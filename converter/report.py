@@ -20,7 +20,7 @@ from ..runtime import Manifest
 from ..runtime.errors import MoerunError
 from .quantize import QuantizeOptions, quantize_model
 
-__all__ = ["STANDARD_VARIANTS", "build_report", "stdlib_corpus", "write_report"]
+__all__ = ["STANDARD_VARIANTS", "build_report", "run_worker", "stdlib_corpus", "write_report"]
 
 HELDOUT_CHARS = 60_000
 
@@ -49,11 +49,18 @@ def stdlib_heldout_text() -> str:
     return "\n".join(stdlib_corpus()[1])[:HELDOUT_CHARS]
 
 
-def _evaluate(model_dir: Path, text_file: Path, out: Path) -> tuple[dict, np.ndarray]:
-    proc = subprocess.run([sys.executable, "-m", "moerun.runtime.evaluate", str(model_dir), str(text_file), str(out)],
-                          capture_output=True, text=True)
+def run_worker(cmd: list, what: str) -> str:
+    """Run a worker process (measurements run in their own, so that peak RSS is theirs); its stdout, or a
+    one-line MoerunError ending with the last line of its stderr."""
+    proc = subprocess.run([str(c) for c in cmd], capture_output=True, text=True)
     if proc.returncode != 0:
-        raise MoerunError(f"evaluating {model_dir.name} failed: {proc.stderr.strip().splitlines()[-1:]}")
+        raise MoerunError(f"{what} failed: {(proc.stderr.strip().splitlines() or ['?'])[-1]}")
+    return proc.stdout
+
+
+def _evaluate(model_dir: Path, text_file: Path, out: Path) -> tuple[dict, np.ndarray]:
+    run_worker([sys.executable, "-m", "moerun.runtime.evaluate", model_dir, text_file, out],
+               f"evaluating {model_dir.name}")
     return json.loads(out.read_text()), np.load(out.with_suffix(".argmax.npy"))
 
 

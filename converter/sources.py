@@ -6,8 +6,8 @@ or in the quantized formats real MoE releases ship:
   (E8M0 exponents, one per 32 values), the OCP Microscaling format; dequantized to bf16 on read with
   transformers' own ``convert_moe_packed_tensors``.
 - FP8 E4M3 weights with block scales (DeepSeek-V3): ``weight`` and ``weight_scale_inv`` (one fp32
-  scale per 128x128 block, ``quantization_config.weight_block_size``); dequantized to bf16 on read.
-Either way the rest of the converter sees an ordinary bf16 tensor under the dequantized name.
+  scale per 128x128 block, ``quantization_config.weight_block_size``); dequantized to fp32 on read.
+Either way the rest of the converter sees an ordinary tensor under the dequantized name.
 """
 
 from __future__ import annotations
@@ -46,10 +46,10 @@ class _Deferred:
 
 def _fp8_dequantize(weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
     """FP8 weight (out, in) times its per-block scale (ceil(out/b0), ceil(in/b1)), as DeepSeek-V3's
-    ``weight_dequant`` computes it; bf16 like the released model's other weights."""
+    ``weight_dequant`` computes it, kept in fp32 (the products do not fit bf16's 8 bits)."""
     rows, cols = weight.shape
     scale = scale_inv.float().repeat_interleave(block[0], 0)[:rows].repeat_interleave(block[1], 1)[:, :cols]
-    return (weight.float() * scale).to(torch.bfloat16)
+    return weight.float() * scale
 
 
 def _mxfp4_dequantize(blocks: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
@@ -66,7 +66,9 @@ class SafetensorsTensors(Mapping):
     """
 
     def __init__(self, files: list[Path], fp8_block: tuple[int, int] = (128, 128)) -> None:
-        self._files = [safe_open(f, framework="pt") for f in files]
+        # pread, not mmap: read tensors land in memory that is freed with them; mapped pages of a 14 GB
+        # checkpoint would stay in this process's resident set as the stream passes over them
+        self._files = [safe_open(f, framework="pt", backend="pread") for f in files]
         where = {key: handle for handle in self._files for key in handle.keys()}
         self._items: dict[str, object] = {}
         self.formats: set[str] = set()
@@ -85,11 +87,12 @@ class SafetensorsTensors(Mapping):
                 self._items[key] = _Deferred(lambda k=key: _fp8_dequantize(
                     where[k].get_tensor(k), where[f"{k}_scale_inv"].get_tensor(f"{k}_scale_inv"), fp8_block))
                 self.formats.add("fp8")
+                dtypes.add("F32")
             else:
                 self._items[key] = handle.get_slice(key)
                 dtypes.add(self._items[key].get_dtype())
-        if self.formats:
-            dtypes.add("BF16")
+        if "mxfp4" in self.formats:
+            dtypes.add("BF16")  # FP4 values times powers of two are exact in bf16
         floats = {_FLOATS[d] for d in dtypes if d in _FLOATS}
         # The dtype weights are loaded in: the checkpoint's own when it has one, else fp32 (nothing is rounded).
         self.dtype = floats.pop() if len(floats) == 1 else torch.float32

@@ -11,6 +11,8 @@ Written by hand: ONNX Runtime's own quantizers (MatMulNBits) handle 2-D MatMul w
 
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -83,19 +85,43 @@ def _groups(w: np.ndarray, block_size: int) -> np.ndarray:
     return w.reshape(e, n, k // b, b)
 
 
-def _quantize_groups(g: np.ndarray, lo: np.ndarray, hi: np.ndarray, bits: int, symmetric: bool):
-    """Scale, zero point and integer values for groups g (..., B) with clip range [lo, hi] (...)."""
-    qmax = 2**bits - 1
+def _range(g: np.ndarray, bits: int, symmetric: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Each group's full-range step (scale before clipping) and zero point."""
+    lo, hi = g.min(axis=-1), g.max(axis=-1)
     if symmetric:
+        step = np.maximum(np.abs(lo), np.abs(hi)) / (2 ** (bits - 1) - 1)
         zero = np.full(lo.shape, 2 ** (bits - 1), dtype=np.float32)
-        scale = np.maximum(np.abs(lo), np.abs(hi)) / (2 ** (bits - 1) - 1)
     else:
         lo, hi = np.minimum(lo, 0.0), np.maximum(hi, 0.0)
-        scale = (hi - lo) / qmax
-        zero = np.clip(np.round(-lo / np.where(scale == 0, 1, scale)), 0, qmax)
-    scale = np.where(scale == 0, 1.0, scale).astype(np.float32)
-    q = np.clip(np.round(g / scale[..., None]) + zero[..., None], 0, qmax)
-    return scale, zero, q
+        step = (hi - lo) / (2**bits - 1)
+        zero = np.clip(np.round(-lo / np.where(step == 0, 1, step)), 0, 2**bits - 1).astype(np.float32)
+    return np.where(step == 0, 1.0, step).astype(np.float32), zero
+
+
+def _best_ratio(x: np.ndarray, zero: np.ndarray, bits: int) -> np.ndarray:
+    """Per group, the clip ratio r in MSE_RATIOS minimising sum((clip(round(x / r) + zero) - zero) * r - x)^2,
+    where x is the group in units of its full-range step. Clipping scales lo and hi alike, so the zero
+    point does not depend on r and the search runs in place on one buffer."""
+    qmax = 2**bits - 1
+    zero = zero[..., None]
+    t = np.empty_like(x)
+    best_err = best = None
+    for r in MSE_RATIOS.astype(np.float32):
+        np.multiply(x, 1 / r, out=t)
+        t += zero
+        np.rint(t, out=t)
+        np.clip(t, 0, qmax, out=t)
+        t -= zero
+        t *= r
+        t -= x
+        np.square(t, out=t)
+        err = t.sum(axis=-1)
+        if best_err is None:
+            best_err, best = err, np.full(err.shape, r, dtype=np.float32)
+        else:
+            better = err < best_err
+            best_err, best = np.where(better, err, best_err), np.where(better, r, best)
+    return best
 
 
 def quantize(w: np.ndarray, spec: QuantSpec) -> QuantizedWeight:
@@ -103,18 +129,11 @@ def quantize(w: np.ndarray, spec: QuantSpec) -> QuantizedWeight:
     e, n, k = w.shape
     spec.check(n, k)
     g = _groups(w.astype(np.float32), spec.block_size)
-    lo, hi = g.min(axis=-1), g.max(axis=-1)
-    best = _quantize_groups(g, lo, hi, spec.bits, spec.symmetric)
+    step, zero = _range(g, spec.bits, spec.symmetric)
     if spec.method == "mse":
-        best_err = _error(g, *best)
-        for ratio in MSE_RATIOS[1:]:
-            cand = _quantize_groups(g, lo * ratio, hi * ratio, spec.bits, spec.symmetric)
-            err = _error(g, *cand)
-            better = err < best_err
-            best_err = np.where(better, err, best_err)
-            best = tuple(np.where(better[..., None], c, b) if c.ndim == g.ndim else np.where(better, c, b)
-                         for c, b in zip(cand, best))
-    scale, zero, q = best
+        step = step * _best_ratio(g / step[..., None], zero, spec.bits)
+    scale = step
+    q = np.clip(np.rint(g / scale[..., None]) + zero[..., None], 0, 2**spec.bits - 1)
     packed = pack(q.reshape(e, n, k), spec.bits)
     zp = None
     if not spec.symmetric:
@@ -133,21 +152,22 @@ def quantize_with_error(w: np.ndarray, spec: QuantSpec) -> tuple[QuantizedWeight
     e, n, k = w.shape
     spec.check(n, k)
     step = max(1, CHUNK_ELEMENTS // (n * k))
-    parts, err, norm = [], 0.0, 0.0
-    for start in range(0, e, step):
+
+    def one(start: int) -> tuple[QuantizedWeight, float, float]:
         chunk = np.asarray(w[start:start + step], dtype=np.float32)
         q = quantize(chunk, spec)
-        err += float(np.square(dequantize(q, spec) - chunk, dtype=np.float64).sum())
-        norm += float(np.square(chunk, dtype=np.float64).sum())
-        parts.append(q)
+        return (q, float(np.square(dequantize(q, spec) - chunk, dtype=np.float64).sum()),
+                float(np.square(chunk, dtype=np.float64).sum()))
+
+    # NumPy releases the GIL in its loops: chunks run on every core
+    with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
+        results = list(pool.map(one, range(0, e, step)))
+    parts = [r[0] for r in results]
+    err, norm = sum(r[1] for r in results), sum(r[2] for r in results)
     zero_points = None if spec.symmetric else np.concatenate([p.zero_points for p in parts])
     merged = QuantizedWeight(np.concatenate([p.packed for p in parts]), np.concatenate([p.scales for p in parts]),
                              zero_points, (e, n, k))
     return merged, float(np.sqrt(err / max(norm, 1e-30)))
-
-
-def _error(g, scale, zero, q) -> np.ndarray:
-    return np.square((q - zero[..., None]) * scale[..., None] - g).sum(axis=-1)
 
 
 def dequantize(qw: QuantizedWeight, spec: QuantSpec) -> np.ndarray:

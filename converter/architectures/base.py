@@ -51,7 +51,7 @@ class FusedMoE(nn.Module):
         # own router module returning (logits, weights, indices) for routings the op cannot compute
         # (sparse mixer, sigmoid/group-limited scores, routed scaling). Those are fed to the op exactly
         # as log(weights) on the chosen experts and a huge negative elsewhere with renormalisation on,
-        # then scaled by sum(weights): the op then mixes with weights / sum(weights) (DESIGN.md).
+        # then scaled by sum(weights): the op then mixes with weights / sum(weights) (docs/design.md).
         self.route = route
         if route is None:
             self.router = nn.Linear(router_weight.shape[1], router_weight.shape[0], bias=router_bias is not None)
