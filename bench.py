@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -127,9 +126,11 @@ def measured_bandwidth_gb_s(size_mb: int = 256, repeats: int = 5) -> float:
     return 2 * a.nbytes / best / 1e9
 
 
-def decode_bytes_per_token(model_dir: Path) -> float:
+def decode_bytes_per_token(model_dir: Path, fp16_read_as_fp32: bool = False) -> float:
     """Weight bytes one batch-1 decode step reads: k/E of the experts, one row of each embedding table
-    (a Gather), everything else whole."""
+    (a Gather), everything else whole. ``fp16_read_as_fp32``: count fp16 weights of other ops twice, as ONNX
+    Runtime's CPU EP holds them (it has no fp16 MatMul: casts are inserted and folded into fp32 copies at
+    load, measured with 1.31)."""
     import onnx_ir as ir
 
     from .runtime import Manifest
@@ -145,6 +146,8 @@ def decode_bytes_per_token(model_dir: Path) -> float:
             size *= manifest.experts_per_token / manifest.num_experts
         elif value.name in gathered:
             size /= value.shape[0]
+        elif fp16_read_as_fp32 and value.dtype == ir.DataType.FLOAT16:
+            size *= 2
         total += size
     return total
 
@@ -157,7 +160,7 @@ def export_generic(checkpoint: Path, fp32_dir: Path, output: Path) -> Path:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from .converter.architectures import adapter_for
-    from .converter.export import export_decoder
+    from .converter.export import DecoderWithCache, export_decoder
     from .converter.output import save_model
     from .converter.passes import PinIrVersion
     from .runtime import Manifest
@@ -168,7 +171,7 @@ def export_generic(checkpoint: Path, fp32_dir: Path, output: Path) -> Path:
     adapter = adapter_for(config)
     model = AutoModelForCausalLM.from_pretrained(checkpoint, config=config, experts_implementation="batched_mm",
                                                  attn_implementation=adapter.attn_implementation).eval()
-    graph = PinIrVersion()(export_decoder(model, adapter.kv_shape(config))).model
+    graph = PinIrVersion()(export_decoder(DecoderWithCache(model), adapter.kv_shape(config))).model
     if output.exists():
         shutil.rmtree(output)
     output.mkdir(parents=True)
@@ -186,14 +189,11 @@ def _measure(kind: str, path: Path, batch: int, length: int, new_tokens: int, th
         from .genai import measure_genai
 
         return measure_genai(path, batch, length, new_tokens, threads, genai_python)
-    cmd = [sys.executable, "-m", "moerun.bench", kind, str(path), str(batch), str(length), str(new_tokens),
-           str(threads or 0)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        from .runtime.errors import MoerunError
+    from .converter.report import run_worker
 
-        raise MoerunError(f"bench {kind} failed: {(proc.stderr.strip().splitlines() or ['?'])[-1]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    stdout = run_worker([sys.executable, "-m", "moerun.bench", kind, path, batch, length, new_tokens, threads or 0],
+                        f"bench {kind}")
+    return json.loads(stdout.strip().splitlines()[-1])
 
 
 def run_bench(checkpoint: Path, batches: list[int], prompt_lens: list[int], new_tokens: int, variants: list[str],

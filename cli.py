@@ -2,20 +2,20 @@
 
 from __future__ import annotations
 
+import io
 import logging
 import os
+import signal
 import warnings
 from pathlib import Path
 
 import click
-from rich.console import Console
-from rich.table import Table
 
+from .console import err, out, quiet_converter_libraries, run_convert, stages
+from .console import human_size as _human
 from .runtime.errors import MoerunError
+from .runtime.memory import peak_rss_mb
 from .runtime.session import PROVIDERS
-
-err = Console(stderr=True, highlight=False)
-out = Console(highlight=False)
 
 
 class _Group(click.Group):
@@ -37,43 +37,17 @@ def _quiet_libraries() -> None:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 
-def _quiet_converter_libraries() -> None:
-    """torch resets its loggers' levels on import, so these are set after the converter is imported."""
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-    hf_logging.set_verbosity_error()
-    for name in ("torch", "torch.onnx", "torch.onnx._internal.exporter._registration"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-
-
 @click.group(cls=_Group)
 @click.version_option(package_name="moerun")
 def main() -> None:
     """Bring Mixture-of-Experts models to production on ONNX Runtime."""
     _quiet_libraries()
+    # `kill` (SIGTERM) unwinds like Ctrl-C: half-written outputs are removed on the way out
+    signal.signal(signal.SIGTERM, _terminated)
 
 
-def _human(n: int) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1024 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
-
-
-def run_convert(source: Path, output: Path, **options):
-    """convert() with a live status line per stage on stderr."""
-    from .converter.convert import convert
-
-    _quiet_converter_libraries()
-    with err.status("checking the checkpoint") as status:
-        def on_stage(name: str) -> None:
-            status.update(f"[bold]{name}[/bold]")
-            err.print(f"  • {name}")
-
-        result = convert(source, output, on_stage=on_stage, **options)
-    return result
+def _terminated(signum, frame) -> None:
+    raise SystemExit(128 + signum)
 
 
 def _quant_options(f):
@@ -115,6 +89,9 @@ def _print_layers(layers: list[dict]) -> None:
 @click.option("--dtype", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True)
 @click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists.")
 @click.option("--verify", is_flag=True, help="Compare against the PyTorch model; exit 1 over tolerance.")
+@click.option("--verify-layers", type=click.IntRange(min=1), default=None,
+              help="Verify on the model cut to its first N layers (real weights, same pipeline): for models "
+                   "too big to run whole in PyTorch.")
 @click.option("--tolerance", type=float, default=None, help="Max abs logit difference for --verify.")
 @click.option("--quantize", "quantize", type=click.Choice(["int4", "int8"]), default=None,
               help="Quantize the expert weights in the same run (QMoE).")
@@ -122,13 +99,22 @@ def _print_layers(layers: list[dict]) -> None:
 @click.option("--source", "source_format", type=click.Choice(["hf", "fairseq"]), default="hf", show_default=True,
               help="SOURCE is a Hugging Face directory or a fairseq MoE checkpoint (shared + rank files).")
 @_quant_options
-def convert(source: Path, output: Path, dtype: str, overwrite: bool, verify: bool, tolerance: float | None,
-            quantize: str | None, no_fusions: bool, source_format: str, **quant) -> None:
-    """Convert an MoE checkpoint SOURCE (Hugging Face directory or fairseq) to ONNX."""
+def convert(source: Path, output: Path, dtype: str, overwrite: bool, verify: bool, verify_layers: int | None,
+            tolerance: float | None, quantize: str | None, no_fusions: bool, source_format: str, **quant) -> None:
+    """Convert an MoE checkpoint SOURCE (Hugging Face directory or fairseq) to ONNX.
+
+    Weights are streamed: read, mapped, cast or quantized and written one layer at a time, so memory
+    stays near one layer of the model whatever its size."""
     options = _quant(int(quantize[3:]), **quant) if quantize else None
-    result = run_convert(source, output, dtype=dtype, overwrite=overwrite, verify=verify, tolerance=tolerance,
-                         quantize=options, fusions=not no_fusions, source_format=source_format)
+    result = run_convert(source, output, dtype=dtype, overwrite=overwrite, verify=verify, verify_layers=verify_layers,
+                         tolerance=tolerance, quantize=options, fusions=not no_fusions, source_format=source_format)
     m = result.manifest
+    for note in result.warnings:
+        err.print(f"[yellow]warning:[/yellow] {note}")
+    written = next((v for k, v in result.seconds.items() if k.startswith("write")), 0.0)
+    if written:
+        err.print(f"wrote {_human(result.onnx_bytes)} in {written:.1f} s "
+                  f"({result.onnx_bytes / written / 2**20:.0f} MB/s), peak memory {peak_rss_mb():.0f} MB")
     if m.fusions:
         err.print("ORT fusions: " + ", ".join(f"{k} {v}" for k, v in m.fusions.items()))
     err.print(f"{m.architecture}: {m.moe_layers} MoE layers fused ({m.num_experts} experts, top-{m.experts_per_token}),"
@@ -138,9 +124,10 @@ def convert(source: Path, output: Path, dtype: str, overwrite: bool, verify: boo
     if result.report:
         r = result.report
         limit = f"tolerance {r.tolerance:g}" if r.tolerance is not None else "no tolerance: quantized, reported only"
-        err.print(f"verify: max |Δlogits| prefill {r.max_abs_prefill:.2e}, decode {r.max_abs_decode:.2e} "
-                  f"({limit}); greedy agreement {r.greedy_agreement:.1%} "
-                  f"over {r.greedy_tokens} tokens: [green]passed[/green]")
+        err.print(f"verify ({m.verify['scope']}): max |Δlogits| prefill {r.max_abs_prefill:.2e}, "
+                  f"decode {r.max_abs_decode:.2e} ({limit}); greedy agreement with PyTorch "
+                  f"{r.greedy_agreement:.1%} over {r.greedy_tokens} tokens, generation loop {r.loop_agreement:.0%}: "
+                  "[green]passed[/green]")
     out.print(str(result.output))
 
 
@@ -160,12 +147,13 @@ def quantize(source: Path, output: Path, bits: str, overwrite: bool, report: Pat
     from .converter.quantize import quantize_model
 
     options = _quant(int(bits), **quant)
-    with err.status("quantizing") as status:
-        def on_stage(name: str) -> None:
-            status.update(f"[bold]{name}[/bold]")
-            err.print(f"  • {name}")
-
-        result = quantize_model(source, output, options, overwrite=overwrite, on_stage=on_stage)
+    if report:
+        _check_writable("--report", report, report.with_suffix(".json"))
+    with stages("quantizing") as on_stage:
+        try:
+            result = quantize_model(source, output, options, overwrite=overwrite, on_stage=on_stage)
+        except FileNotFoundError as e:  # the external data of a graph
+            raise MoerunError(f"{e.filename}: no such file; {source} is incomplete: convert the model again") from None
         if report:
             from .converter.report import build_report, stdlib_heldout_text, write_report
 
@@ -195,21 +183,43 @@ def _sampling_options(f):
     return f
 
 
+def _prompt_ids(value: str) -> list[int]:
+    try:
+        return _ints(value)
+    except click.BadParameter:
+        raise MoerunError(f"--prompt-ids takes comma-separated token ids such as 1,15,27, got {value!r}") from None
+
+
 @main.command()
 @click.argument("model_dir", type=click.Path(path_type=Path))
-@click.option("-p", "--prompt", "prompts", multiple=True, required=True, help="A prompt; repeat for a batch.")
+@click.option("-p", "--prompt", "prompts", multiple=True, help="A prompt; repeat for a batch.")
+@click.option("--prompt-ids", "prompt_ids", multiple=True, metavar="IDS",
+              help="A prompt as comma-separated token ids (e.g. 1,15,27); repeat for a batch. Prints token ids: "
+                   "for models without tokenizer files.")
+@click.option("--echo", is_flag=True, help="Print the prompt before its continuation.")
 @_sampling_options
-def generate(model_dir: Path, prompts: tuple[str, ...], max_new_tokens: int, do_sample: bool, temperature: float,
-             top_k: int, top_p: float, seed: int | None, provider: str, threads: int | None) -> None:
-    """Generate text from an exported model directory MODEL_DIR."""
+def generate(model_dir: Path, prompts: tuple[str, ...], prompt_ids: tuple[str, ...], echo: bool, max_new_tokens: int,
+             do_sample: bool, temperature: float, top_k: int, top_p: float, seed: int | None, provider: str,
+             threads: int | None) -> None:
+    """Generate from an exported model directory MODEL_DIR: each prompt's continuation on one line of stdout."""
     from .runtime import MoEModel
 
+    if bool(prompts) == bool(prompt_ids):
+        raise MoerunError("give the prompts either as text (-p/--prompt) or as token ids (--prompt-ids 1,15,27)")
+    ids = [_prompt_ids(value) for value in prompt_ids]
     model = MoEModel.load(model_dir, provider=provider, threads=threads)
-    texts = model.generate(list(prompts), max_new_tokens, do_sample=do_sample, temperature=temperature,
-                           top_k=top_k, top_p=top_p, seed=seed)
+    sampling = dict(do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+    if ids:
+        lines = [",".join(map(str, [*prompt, *new] if echo else new))
+                 for prompt, new in zip(ids, model.generate_ids(ids, max_new_tokens, **sampling))]
+    elif model.tokenizer is None:
+        raise MoerunError(f"{model_dir} has no tokenizer.json: give the prompts as token ids with --prompt-ids 1,15,27")
+    else:
+        lines = [prompt + text if echo else text
+                 for prompt, text in zip(prompts, model.generate(list(prompts), max_new_tokens, **sampling))]
     err.print(f"{model.manifest.architecture} on {model.execution_provider}")
-    for prompt, text in zip(prompts, texts):
-        out.print(prompt + text, markup=False)
+    for line in lines:
+        click.echo(line)
     s = model.last_stats
     err.print(f"prefill {s.prefill_tokens} tokens at {s.prefill_tokens_per_s:.0f} tok/s, "
               f"decode {s.decode_tokens} tokens at {s.decode_tokens_per_s:.0f} tok/s")
@@ -243,7 +253,7 @@ def translate(model_dir: Path, src_lang: str | None, tgt_lang: str | None, beams
     model = MoEModel.load(model_dir, provider=provider, threads=threads)
     if not model.manifest.is_seq2seq:
         raise MoerunError(f"{model_dir} holds a decoder-only model: use 'moerun generate'")
-    lines = [line.rstrip("\n") for line in sys.stdin]
+    lines = _utf8_lines(sys.stdin.buffer.read())
     err.print(f"{model.manifest.architecture} on {model.execution_provider}: {len(lines)} sentences, "
               f"beam {beams}, batch {batch_size}")
     # Sort by length so that a batch holds similar sentences (less padding); print in input order.
@@ -271,25 +281,27 @@ def translate(model_dir: Path, src_lang: str | None, tgt_lang: str | None, beams
               f"({tokens / seconds if seconds else 0:.0f} input tok/s), {rows} decoder rows")
 
 
+def _utf8_lines(data: bytes) -> list[str]:
+    """Lines of UTF-8 text (universal newlines, as text-mode stdin reads them); other bytes are an error."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise MoerunError(f"stdin is not UTF-8 text (byte 0x{data[e.start]:02x} on line {line}); convert it first, "
+                          "e.g. iconv -f latin1 -t utf-8") from None
+    return [line.rstrip("\n") for line in io.StringIO(text, newline=None)]
+
+
 @main.command()
 @click.option("--workdir", type=click.Path(path_type=Path), default=None,
-              help="Keep the demo checkpoint and ONNX model here (default: a temporary directory).")
+              help="Keep the demo's ONNX models here (default: a temporary directory).")
 @click.option("--provider", type=click.Choice(PROVIDERS), default="cpu", show_default=True)
 def demo(workdir: Path | None, provider: str) -> None:
-    """Build a small Mixtral-style MoE checkpoint, convert it, verify it, generate, and summarise."""
+    """Convert a small trained MoE, verify it against PyTorch, generate, quantize to int4, and summarise."""
     from .demo import run_demo
 
     table = run_demo(workdir, provider, err)
-    out.print(table)
-
-
-def summary_table(rows: list[tuple[str, str]], title: str) -> Table:
-    table = Table(title=title, show_header=False)
-    table.add_column(style="bold")
-    table.add_column()
-    for k, v in rows:
-        table.add_row(k, v)
-    return table
+    out.print(table, soft_wrap=False)  # laid out at the terminal's width, or 80 columns
 
 
 def _ints(value: str) -> list[int]:
@@ -331,11 +343,10 @@ def bench(checkpoint: Path, batch: str, prompt_len: str, new_tokens: int, compar
     batches, lengths = _ints(batch), _ints(prompt_len)
     if quick:
         batches, lengths, new_tokens, repeats = [1], [16], 8, 1
-    _quiet_converter_libraries_lazy()
-    with err.status("preparing") as status:
-        def on_stage(name: str) -> None:
-            status.update(f"[bold]{name}[/bold]")
-
+    _check_writable("--json", json_out)  # before minutes of measuring, not after
+    _check_writable("--markdown", md_out)
+    quiet_converter_libraries()
+    with stages("preparing", echo=False) as on_stage:
         records = run_bench(checkpoint, batches, lengths, new_tokens, chosen, repeats, threads, workdir, on_stage)
     table = markdown(records)
     click.echo(table)
@@ -345,7 +356,14 @@ def bench(checkpoint: Path, batch: str, prompt_len: str, new_tokens: int, compar
         md_out.write_text(table)
 
 
-def _quiet_converter_libraries_lazy() -> None:
-    from .converter import convert  # noqa: F401  (imports torch, whose import resets logger levels)
-
-    _quiet_converter_libraries()
+def _check_writable(option: str, *paths: Path | None) -> None:
+    """A file the command will write at the end must be writable now: fail before the work, not after."""
+    for path in paths:
+        if path is None:
+            continue
+        if path.is_dir():
+            raise MoerunError(f"{option} {path}: is a directory; give a file name")
+        if not path.parent.is_dir():
+            raise MoerunError(f"{option} {path}: the directory {path.parent} does not exist")
+        if not os.access(path if path.exists() else path.parent, os.W_OK):
+            raise MoerunError(f"{option} {path}: not writable")

@@ -1,12 +1,22 @@
-"""`moerun demo`: build a small seeded Mixtral-style checkpoint offline, convert it, verify, generate."""
+"""`moerun demo`: convert the small trained MoE shipped with moerun, verify it against PyTorch, generate,
+quantize the experts to int4, and summarise. Also builds seeded random checkpoints for tests."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-__all__ = ["DEMO_CONFIG", "build_demo_checkpoint", "build_tokenizer"]
+from .runtime.errors import MoerunError
 
-# A few paragraphs to train the demo's byte-level BPE tokenizer on: no download, same on every machine.
+__all__ = ["DEMO_CONFIG", "TRAINED_MODEL", "build_demo_checkpoint", "build_tokenizer", "run_demo"]
+
+# A 3.6M-parameter Mixtral-style MoE trained on the Python standard library's source by
+# scripts/train_tiny_moe.py; shipped in the wheel as package data (pyproject.toml).
+TRAINED_MODEL = Path(__file__).resolve().parent / "tests" / "fixtures" / "tiny-moe"
+PROMPTS = ["def ", "with open(", "def __init__(self"]
+NEW_TOKENS = 32
+
+# Seeded random checkpoints with a tokenizer, for tests (random weights: their text is gibberish).
+# A few paragraphs to train the byte-level BPE tokenizer on: no download, same on every machine.
 _CORPUS = """\
 Mixture-of-Experts models route every token to a few experts out of many, so a model with billions of
 parameters reads only a fraction of them for each token. Serving them is hard: the weights are huge,
@@ -66,7 +76,14 @@ def build_demo_checkpoint(directory: str | Path, seed: int = 0, **overrides) -> 
     return directory
 
 
-DEMO_PROMPTS = ["Hello world", "Once upon a time there was", "moerun converts a checkpoint"]
+def _text(tokenizer, ids: list[int]) -> str:
+    """The decoded ids, less a last character that max_new_tokens cut in half (byte-level BPE tokens are
+    bytes, so a token can end inside a UTF-8 character)."""
+    text = tokenizer.decode(ids)
+    while ids and text.endswith("\ufffd"):
+        ids = ids[:-1]
+        text = tokenizer.decode(ids)
+    return text
 
 
 def run_demo(workdir: Path | None, provider: str, console):
@@ -74,47 +91,50 @@ def run_demo(workdir: Path | None, provider: str, console):
     import tempfile
     import time
 
-    from .cli import _human, _quiet_converter_libraries, run_convert, summary_table
+    from rich.text import Text
+
+    from .console import human_size, run_convert, summary_table
     from .converter.quantize import QuantizeOptions, quantize_model
     from .runtime import MoEModel
 
+    if not (TRAINED_MODEL / "model.safetensors").is_file():
+        raise MoerunError(f"the demo's trained model is missing from {TRAINED_MODEL}: reinstall moerun")
     with tempfile.TemporaryDirectory(prefix="moerun-demo-") as tmp:
         root = Path(workdir) if workdir else Path(tmp)
-        checkpoint, onnx_dir = root / "mixtral-demo", root / "mixtral-demo-onnx"
-        _quiet_converter_libraries()
-        console.print(f"building a seeded Mixtral-style checkpoint in {checkpoint}")
-        build_demo_checkpoint(checkpoint)
+        onnx_dir = root / "tiny-moe-onnx"
+        console.print(f"converting the trained MoE in {TRAINED_MODEL}")
         start = time.perf_counter()
-        result = run_convert(checkpoint, onnx_dir, verify=True, overwrite=True)
+        result = run_convert(TRAINED_MODEL, onnx_dir, verify=True, overwrite=True)
         convert_s = time.perf_counter() - start
         model = MoEModel.load(onnx_dir, provider=provider)
-        texts = model.generate(DEMO_PROMPTS, max_new_tokens=32)
+        prompts = [model.tokenizer.encode(p) for p in PROMPTS]
+        ref = model.generate_ids(prompts, NEW_TOKENS)
         stats = model.last_stats
         console.print("quantizing the experts to int4 (block 64, mse)")
-        int4 = quantize_model(onnx_dir, root / "mixtral-demo-int4", QuantizeOptions(), overwrite=True)
+        int4 = quantize_model(onnx_dir, root / "tiny-moe-int4", QuantizeOptions(), overwrite=True)
         q = MoEModel.load(int4.output, provider=provider)
-        prompts = [model.tokenizer.encode(p) for p in DEMO_PROMPTS]
-        ref, got = model.generate_ids(prompts, 32), q.generate_ids(prompts, 32)
+        got = q.generate_ids(prompts, NEW_TOKENS)
         same = sum(a == b for r, g in zip(ref, got) for a, b in zip(r, g)) / sum(max(len(r), len(g))
                                                                                 for r, g in zip(ref, got))
-        for prompt, text in zip(DEMO_PROMPTS, texts):
-            console.print(f"[bold]{prompt}[/bold]{text!r}")
+        console.print(f"\ngreedy continuations by the ONNX model ({NEW_TOKENS} new tokens):\n")
+        for prompt, ids in zip(PROMPTS, ref):
+            console.print(Text.assemble((prompt, "bold cyan"), _text(model.tokenizer, ids)), end="\n\n")
         m, r = result.manifest, result.report
         rows = [
             ("model", f"{m.architecture}, {m.num_layers} layers, hidden {m.hidden_size}, "
-                      f"{m.num_experts} experts top-{m.experts_per_token}"),
+                      f"{m.num_experts} experts top-{m.experts_per_token}, trained on Python source"),
             ("fused MoE nodes", f"{m.moe_layers} (one per MoE layer)"),
             ("attention", "one GroupQueryAttention per layer, KV cache updated in place" if m.fused_attention
              else "traced"),
-            ("checkpoint (safetensors)", _human(result.checkpoint_bytes)),
-            ("ONNX model", _human(result.onnx_bytes)),
+            ("checkpoint (fp16 safetensors)", human_size(result.checkpoint_bytes)),
+            ("ONNX model (fp32)", human_size(result.onnx_bytes)),
             ("convert + verify time", f"{convert_s:.1f} s"),
             ("parity, max |Δlogits|", f"prefill {r.max_abs_prefill:.1e}, decode with past {r.max_abs_decode:.1e}"),
             ("greedy agreement with PyTorch", f"{r.greedy_agreement:.1%} of {r.greedy_tokens} tokens"),
             ("execution provider", model.execution_provider),
             ("prefill", f"{stats.prefill_tokens} tokens, {stats.prefill_tokens_per_s:.0f} tok/s"),
-            ("decode", f"batch {len(DEMO_PROMPTS)}, {stats.decode_tokens_per_s:.0f} tok/s"),
-            ("int4 experts (QMoE)", f"{_human(int4.onnx_bytes)} ({int4.onnx_bytes / result.onnx_bytes:.2f}x), "
+            ("decode", f"batch {len(PROMPTS)}, {stats.decode_tokens_per_s:.0f} tok/s"),
+            ("int4 experts (QMoE)", f"{human_size(int4.onnx_bytes)} ({int4.onnx_bytes / result.onnx_bytes:.2f}x), "
                                     f"greedy agreement with fp32 {same:.0%}, decode "
                                     f"{q.last_stats.decode_tokens_per_s:.0f} tok/s"),
             ("output", str(onnx_dir) if workdir else "(temporary; pass --workdir to keep it)"),

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -49,13 +48,9 @@ def _installed(name: str) -> bool:
 
 
 def _run(cmd: list, what: str) -> str:
-    """Run a command; its stdout, or a one-line MoerunError with the last line of its stderr."""
-    proc = subprocess.run([str(c) for c in cmd], capture_output=True, text=True)
-    if proc.returncode != 0:
-        from .runtime.errors import MoerunError
+    from .converter.report import run_worker  # not at the top: the worker below runs where moerun is not installed
 
-        raise MoerunError(f"{what} failed: {(proc.stderr.strip().splitlines() or ['?'])[-1]}")
-    return proc.stdout
+    return run_worker(cmd, what)
 
 
 def genai_python(progress=lambda _: None) -> Path:

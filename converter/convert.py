@@ -66,6 +66,7 @@ class ConvertResult:
     seconds: dict[str, float] = field(default_factory=dict)
     report: verify_mod.VerifyReport | None = None
     group_loads: int = 0  # layer groups loaded from the checkpoint (streaming: each once per graph)
+    warnings: list[str] = field(default_factory=list)  # what the user should know (no tokenizer, ...)
 
 
 class _Stages:
@@ -299,6 +300,80 @@ def _write_graphs(graphs: dict[str, ir.Model], directory: Path,
     return {name: save_model(model, directory, name, on_bytes) for name, model in graphs.items()}
 
 
+@dataclass
+class _Pipeline:
+    """Stages 2-3 with the options of one conversion: the same for the model and, with --verify-layers,
+    for its first layers."""
+
+    adapter: object
+    dtype: str  # the graph's: fp16 for --dtype fp16 and for decoders with --quantize --fp16
+    fusions: bool
+    quantize: QuantizeOptions | None
+    tokens: dict
+
+    @property
+    def seq2seq(self) -> bool:
+        return getattr(self.adapter, "seq2seq", False)
+
+    def build(self, checkpoint: Checkpoint) -> tuple[Exported, WeightStream, Manifest]:
+        exported = export_graphs(checkpoint, self.adapter, self.dtype, self.fusions)
+        stream = bind_weights(exported, checkpoint, self.adapter)
+        manifest = _manifest(checkpoint, self.adapter, exported, self.dtype, self.tokens)
+        # encoder-decoders are traced in fp32 and reach fp16 through ONNX Runtime's converter
+        fp16_pass = self.seq2seq and self.dtype == "fp16"
+        if self.quantize is not None:
+            exported.graphs, _ = apply_quantization(exported.graphs, manifest, self.quantize, fp16_pass=fp16_pass)
+        elif fp16_pass:
+            for name, model in exported.graphs.items():
+                exported.graphs[name] = ToFloat16()(model).model
+            manifest.passes.append("ToFloat16")
+        return exported, stream, manifest
+
+    def reference(self, checkpoint: Checkpoint):
+        """What --verify compares against: the PyTorch model's outputs on seeded inputs."""
+        model = load_reference_model(checkpoint, self.adapter)
+        tokens = self.tokens
+        pad = tokens["pad"] if tokens["pad"] is not None else (tokens["eos"][0] if tokens["eos"] else 0)
+        if self.seq2seq:
+            return verify_mod.reference_seq2seq(model, tokens["eos"], pad, tokens["decoder_start"])
+        fused = self.fusions and self.adapter.fused_attention and not unfusable_reason(model)
+        return verify_mod.reference(model, tokens["eos"], pad, right_padded=fused)
+
+    def verify(self, directory: Path, ref, tolerance: float | None) -> verify_mod.VerifyReport:
+        """Compare the model written in ``directory`` with ``ref``; raises VerificationError on failure."""
+        tol = tolerance
+        if tol is None and self.quantize is None:  # a quantized model is reported on, not held to fp tolerance
+            tol = verify_mod.DEFAULT_TOLERANCE[self.dtype]
+        compare = verify_mod.compare_seq2seq if self.seq2seq else verify_mod.compare
+        report = compare(MoEModel.load(directory, provider="cpu"), ref, tol)
+        report.min_agreement = None if self.quantize is not None else verify_mod.MIN_AGREEMENT[self.dtype]
+        return report
+
+
+def _check_verify_layers(verify_layers: int | None, checkpoint: Checkpoint, seq2seq: bool) -> None:
+    if verify_layers is None:
+        return
+    layers = getattr(checkpoint.config, "num_hidden_layers", 0)
+    if seq2seq:
+        raise MoerunError("--verify-layers applies to decoder-only models; use --verify")
+    if not 1 <= verify_layers < layers:
+        raise MoerunError(f"--verify-layers must be between 1 and {layers - 1} for this {layers}-layer model")
+
+
+def _write_side_files(checkpoint: Checkpoint, staging: Path) -> list[str]:
+    """Tokenizer, generation and model config beside the graphs (the config as moerun read it)."""
+    files = copy_side_files(checkpoint.path if checkpoint.path.is_dir() else checkpoint.path.parent, staging)
+    config_file = staging / "config.json"
+    if not config_file.is_file():  # fairseq: the Hugging Face config it was mapped to
+        checkpoint.config.to_json_file(config_file)
+        files.append("config.json")
+    if checkpoint.quantized:  # the weights are no longer MXFP4/FP8: drop what says they are
+        config_json = json.loads(config_file.read_text())
+        config_json.pop("quantization_config", None)
+        config_file.write_text(json.dumps(config_json, indent=2) + "\n")
+    return files
+
+
 def convert(
     source: str | Path,
     output: str | Path,
@@ -327,106 +402,75 @@ def convert(
     """
     source, output = Path(source), Path(output)
     checkpoint, adapter = check(source, output, dtype, overwrite, quantize, source_format)
-    seq2seq = getattr(adapter, "seq2seq", False)
-    if verify_layers is not None:
-        if seq2seq:
-            raise MoerunError("--verify-layers applies to decoder-only models; use --verify")
-        if not 1 <= verify_layers < checkpoint.config.num_hidden_layers:
-            raise MoerunError(f"--verify-layers must be between 1 and {checkpoint.config.num_hidden_layers - 1} "
-                              f"for this {checkpoint.config.num_hidden_layers}-layer model")
-    # `--quantize --fp16` on a decoder is traced in fp16 (every weight streamed as fp16); encoder-decoders go
-    # through ONNX Runtime's float16 converter after quantization.
     graph_dtype = "fp16" if dtype == "fp16" or (quantize is not None and quantize.fp16) else "fp32"
+    pipeline = _Pipeline(adapter, graph_dtype, fusions, quantize, _special_tokens(checkpoint))
+    _check_verify_layers(verify_layers, checkpoint, pipeline.seq2seq)
     stage = _Stages(on_stage)
-    tokens = _special_tokens(checkpoint)
 
-    def build(ckpt: Checkpoint) -> tuple[Exported, WeightStream, Manifest]:
-        exported = export_graphs(ckpt, adapter, graph_dtype, fusions)
-        stream = bind_weights(exported, ckpt, adapter)
-        manifest = _manifest(ckpt, adapter, exported, graph_dtype, tokens)
-        fp16_pass = seq2seq and graph_dtype == "fp16"
-        if quantize is not None:
-            exported.graphs, _ = apply_quantization(exported.graphs, manifest, quantize, fp16_pass=fp16_pass)
-        elif fp16_pass:
-            for name, model in exported.graphs.items():
-                exported.graphs[name] = ToFloat16()(model).model
-            manifest.passes.append("ToFloat16")
-        return exported, stream, manifest
-
-    ref = ref_checkpoint = None
+    ref = first_layers = None
     if verify or verify_layers:
         stage("reference outputs (PyTorch)")
-        ref_checkpoint = checkpoint
         if verify_layers:
-            ref_checkpoint = _checkpoint_for(checkpoint, truncated_config(checkpoint.config, verify_layers))
-        model = load_reference_model(ref_checkpoint, adapter)
-        pad = tokens["pad"] if tokens["pad"] is not None else (tokens["eos"][0] if tokens["eos"] else 0)
-        fused = fusions and adapter.fused_attention and not seq2seq and not unfusable_reason(model)
-        if seq2seq:
-            ref = verify_mod.reference_seq2seq(model, tokens["eos"], pad, tokens["decoder_start"])
-        else:
-            ref = verify_mod.reference(model, tokens["eos"], pad, right_padded=fused)
-        del model
+            first_layers = _checkpoint_for(checkpoint, truncated_config(checkpoint.config, verify_layers))
+        ref = pipeline.reference(first_layers or checkpoint)
 
     stage("export ONNX (tracing without weights)")
-    exported, stream, manifest = build(checkpoint)
+    exported, stream, manifest = pipeline.build(checkpoint)
     manifest.max_positions = getattr(checkpoint.config, "max_position_embeddings", None)
     manifest.source_format = checkpoint.source_format
     manifest.source_quantization = list(checkpoint.quantized)
     total = sum(v.const_value.nbytes for g in exported.graphs.values() for v in g.graph.initializers.values()
                 if v.const_value is not None)
     check_disk_space(output, total)
-    progress = _Progress(on_progress, total)
 
+    report = None
     with staged_directory(output, overwrite) as staging:
-        report = None
-        if ref is not None and verify_layers:
+        if first_layers is not None:
             # the first layers, streamed and written by the same pipeline, against PyTorch: before the long write
             stage(f"verify the first {verify_layers} layers (ONNX Runtime)")
-            small, _, small_manifest = build(ref_checkpoint)
+            small, _, small_manifest = pipeline.build(first_layers)
             target = staging / ".verify"
             target.mkdir()
             _write_graphs(small.graphs, target, None)
             small_manifest.save(target)
-            report = _verify(target, ref, tolerance, quantize, graph_dtype, seq2seq)
+            report = pipeline.verify(target, ref, tolerance)
             shutil.rmtree(target)
             manifest.verify = {**report.to_dict(),
                                "scope": f"first {verify_layers} of {checkpoint.config.num_hidden_layers} layers"}
             verify_mod.check(report)
         stage(f"write weights ({human_bytes(total)})")
-        saved = _write_graphs(exported.graphs, staging, progress)
-        files = [f for s in saved.values() for f in s.files]
-        files += copy_side_files(source if source.is_dir() else source.parent, staging)
-        if not (staging / "config.json").is_file():  # fairseq: the Hugging Face config it was mapped to
-            checkpoint.config.to_json_file(staging / "config.json")
-            files.append("config.json")
-        if checkpoint.quantized:  # the weights are no longer MXFP4/FP8: drop what says they are
-            config_file = staging / "config.json"
-            config_json = json.loads(config_file.read_text())
-            config_json.pop("quantization_config", None)
-            config_file.write_text(json.dumps(config_json, indent=2) + "\n")
+        saved = _write_graphs(exported.graphs, staging, _Progress(on_progress, total))
+        files = [f for s in saved.values() for f in s.files] + _write_side_files(checkpoint, staging)
         manifest.weights = {name: {"tensors": len(s.sha256), "bytes": s.tensor_bytes, "sha256": s.sha256}
                             for name, s in saved.items()}
-        if ref is not None and not verify_layers:
+        if ref is not None and first_layers is None:
             stage("verify (ONNX Runtime)")
             manifest.save(staging)
-            report = _verify(staging, ref, tolerance, quantize, graph_dtype, seq2seq)
+            report = pipeline.verify(staging, ref, tolerance)
             manifest.verify = {**report.to_dict(), "scope": "whole model"}
             verify_mod.check(report)
         manifest.save(staging)
         files.append("moerun.json")
         onnx_bytes = sum((staging / f).stat().st_size for f in files if ".onnx" in f)
     return ConvertResult(output, manifest, files, checkpoint.num_bytes, onnx_bytes, stage.finish(), report,
-                         stream.loads)
+                         stream.loads, _warnings(checkpoint, exported, total))
 
 
-def _verify(directory: Path, ref, tolerance: float | None, quantize: QuantizeOptions | None, dtype: str,
-            seq2seq: bool) -> verify_mod.VerifyReport:
-    tol = tolerance
-    if tol is None and quantize is None:  # a quantized model is reported on, not held to fp tolerance
-        tol = verify_mod.DEFAULT_TOLERANCE[dtype]
-    compare = verify_mod.compare_seq2seq if seq2seq else verify_mod.compare
-    return compare(MoEModel.load(directory, provider="cpu"), ref, tol)
+def _warnings(checkpoint: Checkpoint, exported: Exported, total: int) -> list[str]:
+    notes = []
+    directory = checkpoint.path if checkpoint.path.is_dir() else checkpoint.path.parent
+    if not (directory / "tokenizer.json").is_file():
+        notes.append(f"{checkpoint.path} has no tokenizer.json: the model takes token ids only "
+                     "(moerun generate --prompt-ids, MoEModel.generate_ids)")
+    rotary = sum(v.const_value.nbytes for g in exported.graphs.values() for n, v in g.graph.initializers.items()
+                 if n in ("cos_cache", "sin_cache"))
+    if rotary > total / 4:
+        positions = getattr(checkpoint.config, "max_position_embeddings", "?")
+        notes.append(f"rotary tables for {positions} positions take {human_bytes(rotary)} of the "
+                     f"{human_bytes(total)} written (max_position_embeddings sizes them)")
+    for note in notes:
+        log.info(note)  # the CLI prints ConvertResult.warnings
+    return notes
 
 
 class _Progress:

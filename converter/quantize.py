@@ -11,8 +11,8 @@ import onnx_ir as ir
 
 from ..custom_ops.quantize import METHODS, QuantSpec
 from ..runtime import Manifest
-from ..runtime.errors import MoerunError
-from .output import copy_side_files, save_model, staged_directory
+from ..runtime.errors import ModelDirError, MoerunError
+from .output import check_output, copy_side_files, save_model, staged_directory
 from .passes import CheckFusedMoE, PinIrVersion, QuantizeDense, QuantizeExperts, ToFloat16
 
 __all__ = ["BLOCK_SIZES", "DENSE", "QuantizeOptions", "QuantizeResult", "quantize_model", "quantize_passes"]
@@ -122,14 +122,17 @@ def _graph_bytes(directory: Path, manifest: Manifest) -> int:
 
 def quantize_model(source: str | Path, output: str | Path, options: QuantizeOptions, *, overwrite: bool = False,
                    on_stage: Callable[[str], None] | None = None) -> QuantizeResult:
-    """Read a moerun model directory, quantize it, write a new one (atomically)."""
+    """Read a moerun model directory, quantize it, write a new one (atomically). Expert weights are read,
+    quantized and written one layer at a time."""
     source, output = Path(source), Path(output)
     manifest = Manifest.load(source)
     if manifest.quantization:
         raise MoerunError(f"{source} is already quantized ({manifest.quantization.get('label')}); "
                           "quantize the fp32/fp16 export instead")
-    if output.resolve() == source.resolve():
-        raise MoerunError("the output directory must differ from the source directory")
+    missing = [f for name in manifest.graphs() for f in (name, f"{name}.data") if not (source / f).is_file()]
+    if missing:
+        raise ModelDirError(f"{source}: no {', '.join(missing)}, which moerun.json names; convert the model again")
+    check_output(output, overwrite, source)
     with staged_directory(output, overwrite) as staging:
         if on_stage:
             on_stage("load ONNX model")
@@ -139,9 +142,12 @@ def quantize_model(source: str | Path, output: str | Path, options: QuantizeOpti
         graphs, record = apply_quantization(graphs, manifest, options)
         if on_stage:
             on_stage("save")
-        for name, model in graphs.items():
-            save_model(model, staging, name)
+        saved = {name: save_model(model, staging, name) for name, model in graphs.items()}
         copy_side_files(source, staging)
+        # the source's verification was of the unquantized model: say this one was not verified
+        manifest.verify = {"scope": "not verified after quantization (convert --quantize --verify verifies)"}
+        manifest.weights = {name: {"tensors": len(s.sha256), "bytes": s.tensor_bytes, "sha256": s.sha256}
+                            for name, s in saved.items()}
         manifest.save(staging)
         onnx_bytes = _graph_bytes(staging, manifest)
     source_bytes = _graph_bytes(source, manifest)

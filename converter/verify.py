@@ -20,6 +20,12 @@ __all__ = ["DEFAULT_TOLERANCE", "Reference", "Seq2SeqReference", "VerifyReport",
 
 DEFAULT_TOLERANCE = {"fp32": 1e-3, "fp16": 5e-2}
 GREEDY_TOKENS = 20
+# Greedy tokens of the runtime's generation loop (KV cache updated in place, padding) against greedy decoding
+# by re-running the whole sequence each step: the same graph, so only a broken loop can disagree (a near-tie
+# flipped by the cached path's different summation order is allowed for).
+MIN_LOOP_AGREEMENT = 0.95
+# Greedy tokens against PyTorch's generate, enforced for unquantized exports (quantized ones are reported).
+MIN_AGREEMENT = {"fp32": 0.9, "fp16": 0.5}
 
 
 def sample_prompts(vocab_size: int, seed: int = 0, lengths: tuple[int, ...] = (9, 5, 7)) -> list[list[int]]:
@@ -56,9 +62,11 @@ class Reference:
 class VerifyReport:
     max_abs_prefill: float
     max_abs_decode: float
-    greedy_agreement: float
+    greedy_agreement: float  # with PyTorch's generate
     greedy_tokens: int
-    tolerance: float | None  # None: report only (quantized models)
+    tolerance: float | None  # None: logits reported only (quantized models)
+    loop_agreement: float = 1.0  # the generation loop against greedy by full re-runs of the same graph
+    min_agreement: float | None = None  # enforced greedy agreement with PyTorch (None: reported only)
 
     @property
     def max_abs(self) -> float:
@@ -66,7 +74,9 @@ class VerifyReport:
 
     @property
     def passed(self) -> bool:
-        return self.tolerance is None or self.max_abs <= self.tolerance
+        return ((self.tolerance is None or self.max_abs <= self.tolerance)
+                and self.loop_agreement >= MIN_LOOP_AGREEMENT
+                and (self.min_agreement is None or self.greedy_agreement >= self.min_agreement))
 
     def to_dict(self) -> dict:
         return {**asdict(self), "passed": self.passed}
@@ -110,9 +120,36 @@ def compare(onnx_model: MoEModel, ref: Reference, tolerance: float | None) -> Ve
     prefill_err = float(np.abs(full - ref.prefill_logits)[valid].max())
     decode_err = float(np.abs(step - ref.decode_logits)[valid[:, ref.split:]].max())
     ours = onnx_model.generate_ids(ref.prompts, max_new_tokens=ref.new_tokens)
-    total = sum(max(len(a), len(b)) for a, b in zip(ref.greedy, ours))
-    same = sum(x == y for a, b in zip(ref.greedy, ours) for x, y in zip(a, b))
-    return VerifyReport(prefill_err, decode_err, same / total if total else 1.0, total, tolerance)
+    rerun = greedy_by_rerunning(onnx_model, ref.prompts, ref.new_tokens, ref.pad_id, ref.right_padded)
+    agreement, total = _agreement(ref.greedy, ours)
+    return VerifyReport(prefill_err, decode_err, agreement, total, tolerance, _agreement(rerun, ours)[0])
+
+
+def _agreement(expected: list[list[int]], got: list[list[int]]) -> tuple[float, int]:
+    """Share of positions where two batches of token rows agree (rows of different lengths: the longer counts)."""
+    total = sum(max(len(a), len(b)) for a, b in zip(expected, got))
+    same = sum(x == y for a, b in zip(expected, got) for x, y in zip(a, b))
+    return (same / total if total else 1.0), total
+
+
+def greedy_by_rerunning(onnx_model: MoEModel, prompts: list[list[int]], new_tokens: int, pad_id: int,
+                        right_padded: bool) -> list[list[int]]:
+    """Greedy decoding without the generation loop: every step runs the whole sequences through ``forward``
+    (no KV cache) and takes the argmax at each row's last position; rows stop at EOS as generate's do."""
+    eos = set(onnx_model.manifest.eos_token_id)
+    rows, out = [list(p) for p in prompts], [[] for _ in prompts]
+    for _ in range(new_tokens):
+        live = [b for b, row in enumerate(out) if not (row and row[-1] in eos)]
+        if not live:
+            break
+        ids, mask, pos = padded([rows[b] for b in live], pad_id, right_padded)
+        logits, _ = onnx_model.forward(ids, mask, pos)
+        for i, b in enumerate(live):
+            last = len(rows[b]) - 1 if right_padded else ids.shape[1] - 1
+            token = int(logits[i, last].argmax())
+            rows[b].append(token)
+            out[b].append(token)
+    return out
 
 
 @dataclass
@@ -167,14 +204,25 @@ def compare_seq2seq(onnx_model: MoEModel, ref: Seq2SeqReference, tolerance: floa
     decode_err = float(np.abs(np.concatenate(steps, 1).astype(np.float32) - ref.logits[:, ref.split:]).max())
     ours = onnx_model.translate_ids(ref.sources, max_new_tokens=ref.new_tokens)
     ours = [_trim(row[1:], set(onnx_model.manifest.eos_token_id)) for row in ours]
-    total = sum(max(len(a), len(b)) for a, b in zip(ref.greedy, ours))
-    same = sum(x == y for a, b in zip(ref.greedy, ours) for x, y in zip(a, b))
-    return VerifyReport(max(encoder_err, prefill_err), decode_err, same / total if total else 1.0, total, tolerance)
+    agreement, total = _agreement(ref.greedy, ours)
+    return VerifyReport(max(encoder_err, prefill_err), decode_err, agreement, total, tolerance)
 
 
 def check(report: VerifyReport) -> None:
-    if not report.passed:
+    """Raise VerificationError naming what failed: logits over tolerance, the generation loop disagreeing
+    with the graph it runs, or greedy tokens disagreeing with PyTorch."""
+    if report.tolerance is not None and report.max_abs > report.tolerance:
         raise VerificationError(
             f"ONNX logits differ from PyTorch by {report.max_abs:.3g} (tolerance {report.tolerance:g}); "
             f"greedy agreement {report.greedy_agreement:.1%}"
+        )
+    if report.loop_agreement < MIN_LOOP_AGREEMENT:
+        raise VerificationError(
+            f"the generation loop's greedy tokens agree with the graph's own (re-run per step) on only "
+            f"{report.loop_agreement:.1%} (needs {MIN_LOOP_AGREEMENT:.0%}): the runtime's KV cache or padding is wrong"
+        )
+    if report.min_agreement is not None and report.greedy_agreement < report.min_agreement:
+        raise VerificationError(
+            f"greedy tokens agree with PyTorch on only {report.greedy_agreement:.1%} of {report.greedy_tokens} "
+            f"(needs {report.min_agreement:.0%}), although logits are within {report.tolerance:g}"
         )

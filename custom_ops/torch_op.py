@@ -83,7 +83,7 @@ _MoE = osv.Op(osv.Opset(DOMAIN, OPSET_VERSION), "MoE")
 def _moe_to_onnx(input, router_logits, fc1, fc1_bias, fc2, fc2_bias, fc3, fc3_bias, k, activation_type,
                  normalize_routing_weights, swiglu_fusion, swiglu_limit, activation_alpha, activation_beta):
     # A plain trace-only function: an @onnxscript.script one fails in the exporter's inliner when an
-    # optional input is omitted (DESIGN.md). None passes an omitted optional input.
+    # optional input is omitted (docs/design.md). None passes an omitted optional input.
     attrs = dict(k=k, activation_type=activation_type, normalize_routing_weights=normalize_routing_weights,
                  swiglu_fusion=swiglu_fusion, activation_alpha=activation_alpha, activation_beta=activation_beta)
     if swiglu_limit is not None:

@@ -5,9 +5,13 @@ from __future__ import annotations
 __all__ = [
     "CheckpointError",
     "ExportError",
+    "InferenceError",
     "MoerunError",
+    "MoerunWarning",
     "ModelDirError",
     "OutputExistsError",
+    "PlacementError",
+    "RequestError",
     "UnsupportedModelError",
     "VerificationError",
 ]
@@ -39,3 +43,21 @@ class VerificationError(MoerunError):
 
 class ModelDirError(MoerunError):
     """A directory given to the runtime is not a moerun model directory."""
+
+
+class RequestError(MoerunError):
+    """A generation request cannot be run as asked: empty or too long prompts, token ids outside the
+    vocabulary, impossible options."""
+
+
+class InferenceError(MoerunError):
+    """ONNX Runtime failed while running a model that loaded."""
+
+
+class PlacementError(MoerunError):
+    """ONNX Runtime would run part of a model on another execution provider than the one asked for (an fp32
+    graph's fp16-only CUDA kernels, for one): refused rather than run slowly without a word."""
+
+
+class MoerunWarning(UserWarning):
+    """Something works, but not as well as it should, and the user can fix it (e.g. an fp32 model on CUDA)."""

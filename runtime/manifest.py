@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import reprlib
+import types
+import typing
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -56,6 +59,7 @@ class Manifest:
     encoder_file: str | None = None
     encoder_moe_layers: int = 0  # seq2seq: how many of moe_layers are in the encoder graph
     decoder_start_token_id: int | None = None
+    max_positions: int | None = None  # the model's max position embeddings; None: not limited (or unknown)
     inputs: list[str] = field(default_factory=list)
     outputs: list[str] = field(default_factory=list)
     passes: list[str] = field(default_factory=list)
@@ -63,8 +67,11 @@ class Manifest:
     eos_token_id: list[int] = field(default_factory=list)
     pad_token_id: int | None = None
     bos_token_id: int | None = None
-    verify: dict | None = None
+    verify: dict | None = None  # what was verified against PyTorch ("scope") and the measured differences
     quantization: dict | None = None
+    source_format: str = "hf"  # what was converted: "hf" or "fairseq"
+    source_quantization: list[str] = field(default_factory=list)  # quantized inputs dequantized: mxfp4, fp8
+    weights: dict | None = None  # per graph file: tensors written, their bytes, and each tensor's sha256
     source: str = ""
     moerun_version: str = ""
     format_version: int = FORMAT_VERSION
@@ -100,13 +107,54 @@ class Manifest:
         try:
             data = json.loads(path.read_text())
         except ValueError as e:
-            raise ModelDirError(f"{path}: not valid JSON ({e})") from e
+            raise ModelDirError(f"{path}: not valid JSON ({e}); re-convert the checkpoint") from e
+        if not isinstance(data, dict):
+            raise ModelDirError(f"{path}: not a moerun manifest (a JSON object); re-convert the checkpoint")
         if data.get("format_version") != FORMAT_VERSION:
             raise ModelDirError(
-                f"{path}: manifest format {data.get('format_version')}, this moerun reads {FORMAT_VERSION}"
+                f"{path}: manifest format {data.get('format_version')!r}, this moerun reads {FORMAT_VERSION}; "
+                "convert the checkpoint again with this moerun"
             )
         known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
         try:
-            return cls(**known)
+            manifest = cls(**known)
         except TypeError as e:
-            raise ModelDirError(f"{path}: incomplete manifest ({e})") from e
+            raise ModelDirError(f"{path}: incomplete manifest ({e}); re-convert the checkpoint") from e
+        if problem := manifest.problem():
+            raise ModelDirError(f"{path}: {problem}; re-convert the checkpoint or fix the file")
+        return manifest
+
+    def problem(self) -> str | None:
+        """What is wrong with the fields' types and values, or None: the runtime trusts them afterwards."""
+        hints = typing.get_type_hints(type(self))
+        for name in self.__dataclass_fields__:
+            value = getattr(self, name)
+            if not _is_a(value, hints[name]):
+                return f"{name} is {reprlib.repr(value)}, not {_type_name(hints[name])}"
+            if name in _CHOICES and value not in _CHOICES[name]:
+                return f"{name} is {value!r}, not one of {', '.join(_CHOICES[name])}"
+            if name in _POSITIVE and value is not None and value < 1:
+                return f"{name} is {value!r}, not >= 1"
+        if self.is_seq2seq and self.encoder_file is None:
+            return "kind is 'seq2seq' but there is no encoder_file"
+        return None
+
+
+_CHOICES = {"kind": ("decoder", "seq2seq"), "attention": ("gqa", "traced"), "dtype": ("fp32", "fp16")}
+_POSITIVE = ("num_layers", "num_kv_heads", "head_dim", "value_head_dim", "vocab_size", "hidden_size", "num_experts",
+             "experts_per_token", "max_positions")
+
+
+def _is_a(value, hint) -> bool:
+    """isinstance for the manifest's type hints: unions, list[...], and int that is not bool."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return any(_is_a(value, h) for h in typing.get_args(hint))
+    if typing.get_origin(hint) is list:
+        return isinstance(value, list) and all(_is_a(v, typing.get_args(hint)[0]) for v in value)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, hint)
+
+
+def _type_name(hint) -> str:
+    return hint.__name__ if isinstance(hint, type) else str(hint)

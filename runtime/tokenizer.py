@@ -27,12 +27,24 @@ _CLEAN_UP = ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (
              (" 's", "'s"), (" 've", "'ve"), (" 're", "'re"))
 
 
+_RESAVE = "save the model's tokenizer again, or remove the tokenizer files and pass token ids"
+
+
 def _content(token) -> str | None:
-    return token.get("content") if isinstance(token, dict) else token
+    token = token.get("content") if isinstance(token, dict) else token
+    return token if isinstance(token, str) else None
 
 
 def _read_json(path: Path) -> dict:
-    return json.loads(path.read_text()) if path.is_file() else {}
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as e:  # UnicodeDecodeError included
+        raise ModelDirError(f"{path}: not valid JSON ({e}); {_RESAVE}") from None
+    if not isinstance(data, dict):
+        raise ModelDirError(f"{path}: not a JSON object; {_RESAVE}")
+    return data
 
 
 class Tokenizer:
@@ -44,7 +56,11 @@ class Tokenizer:
         path = directory / "tokenizer.json"
         if not path.is_file():
             raise ModelDirError(f"{directory}: no tokenizer.json; pass token ids instead of text")
-        self._tok = _HFTokenizer.from_file(str(path))
+        try:
+            self._tok = _HFTokenizer.from_file(str(path))
+        except Exception as e:  # the tokenizers library raises plain Exception for a file it cannot read
+            reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise ModelDirError(f"{path}: the tokenizers library cannot read it ({reason}); {_RESAVE}") from None
         self.config = _read_json(directory / "tokenizer_config.json")
         special_map = _read_json(directory / "special_tokens_map.json")
         # The codes are added tokens of tokenizer.json, whatever the config lists them as (additional_special_tokens

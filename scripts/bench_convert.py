@@ -33,7 +33,7 @@ from moerun.converter.convert import convert
 from moerun.converter.quantize import QuantizeOptions
 from moerun.runtime.memory import peak_rss_mb
 start = time.perf_counter()
-result = convert(sys.argv[1], sys.argv[2], overwrite=True, quantize=QuantizeOptions(fp16=True))
+result = convert(sys.argv[1], sys.argv[2], overwrite=True, quantize=QuantizeOptions(fp16=sys.argv[3] == "fp16"))
 print(json.dumps({"seconds": time.perf_counter() - start, "peak_rss_mb": peak_rss_mb(),
                   "stages": result.seconds, "onnx_bytes": result.onnx_bytes, "loads": result.group_loads}))
 """
@@ -48,12 +48,17 @@ def main() -> None:
     parser.add_argument("--shape", choices=SHAPES, default="olmoe-7b")
     parser.add_argument("--workdir", type=Path, required=True)
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--rest", choices=["fp16", "fp32"], default="fp16",
+                        help="Precision of everything but the experts (fp16: the size-optimal default for big models).")
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--keep", action="store_true", help="Keep the checkpoint and the model in WORKDIR.")
+    parser.add_argument("--measure-only", action="store_true",
+                        help="Reuse the kept model and OUT.json's conversion record; measure generation again.")
     args = parser.parse_args()
-    checkpoint, output = args.workdir / f"{args.shape}-bf16", args.workdir / f"{args.shape}-int4"
-    record: dict = {"shape": args.shape}
+    checkpoint = args.workdir / f"{args.shape}-bf16"
+    output = args.workdir / f"{args.shape}-int4-{args.rest}"
+    record: dict = {"shape": args.shape, "rest": args.rest}
 
     if not (checkpoint / "model.safetensors.index.json").is_file():
         print(f"writing the synthetic checkpoint to {checkpoint}", flush=True)
@@ -67,9 +72,12 @@ def main() -> None:
     checkpoint_bytes = sum(p.stat().st_size for p in checkpoint.glob("*.safetensors"))
     record["checkpoint_bytes"] = checkpoint_bytes
 
-    print("converting (int4 experts, fp16 elsewhere)", flush=True)
-    converted = json.loads(run_worker([sys.executable, "-c", _CONVERT, checkpoint, output], "conversion")
-                           .strip().splitlines()[-1])
+    if args.measure_only:
+        converted = json.loads(args.out.with_suffix(".json").read_text())["convert"]
+    else:
+        print(f"converting (int4 experts, {args.rest} elsewhere)", flush=True)
+        converted = json.loads(run_worker([sys.executable, "-c", _CONVERT, checkpoint, output, args.rest],
+                                          "conversion").strip().splitlines()[-1])
     record.update(convert=converted, gb_per_min=checkpoint_bytes / 1e9 / (converted["seconds"] / 60))
     print(json.dumps(converted), flush=True)
 
@@ -78,7 +86,8 @@ def main() -> None:
                                       args.threads], "generation").strip().splitlines()[-1])
     measured.pop("tokens", None)
     bandwidth = measured_bandwidth_gb_s()
-    per_token = decode_bytes_per_token(output)
+    # ONNX Runtime's CPU EP computes fp16 MatMuls in fp32 from fp32 copies of the weights made at load
+    per_token = decode_bytes_per_token(output, fp16_read_as_fp32=True)
     bound = bandwidth * 1e9 / per_token
     record.update(generate=measured, bandwidth_gb_s=bandwidth, decode_bytes_per_token=per_token,
                   bandwidth_bound_tok_s=bound, bound_pct=100 * measured["decode_tok_s"] / bound)
@@ -88,13 +97,15 @@ def main() -> None:
         f"# Converting a {args.shape}-shaped checkpoint on this machine", "",
         "| | |", "|---|---|",
         f"| checkpoint (bf16 safetensors) | {_gb(checkpoint_bytes)} |",
-        f"| output (int4 experts, fp16 rest) | {_gb(c['onnx_bytes'])} ({c['onnx_bytes'] / checkpoint_bytes:.3f}x) |",
+        f"| output (int4 experts, {args.rest} rest) | {_gb(c['onnx_bytes'])} "
+        f"({c['onnx_bytes'] / checkpoint_bytes:.3f}x) |",
         f"| conversion wall time | {c['seconds'] / 60:.1f} min ({record['gb_per_min']:.2f} GB of checkpoint/min) |",
         f"| conversion peak RSS | {c['peak_rss_mb'] / 1024:.2f} GB |",
         f"| layer groups read | {c['loads']} |",
         f"| runtime peak RSS (load + generate) | {measured['peak_rss_mb'] / 1024:.2f} GB |",
         f"| decode, batch 1 | {measured['decode_tok_s']:.1f} tok/s ({record['bound_pct']:.0f}% of the "
-        f"{bound:.1f} tok/s bandwidth bound: {per_token / 1e6:.0f} MB a token at {bandwidth:.1f} GB/s) |",
+        f"{bound:.1f} tok/s bandwidth bound: {per_token / 1e6:.0f} MB a token at {bandwidth:.1f} GB/s, fp16 "
+        f"weights counted as the fp32 copies the CPU EP makes) |",
         f"| prefill, 16 tokens | {measured['prefill_tok_s']:.0f} tok/s |", "",
         "Stages (s): " + ", ".join(f"{k} {v:.0f}" for k, v in c["stages"].items()), "",
     ])

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -113,12 +112,11 @@ def worker(variant: str, path: str, batch: int, beams: int, max_new: int, thread
 
 
 def measure(variant: str, path: Path, batch: int, beams: int, max_new: int, threads: int, sents: Path) -> dict:
-    cmd = [sys.executable, __file__, "--worker", variant, str(path), str(batch), str(beams), str(max_new),
-           str(threads), str(sents)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise SystemExit(f"{variant} batch {batch} beam {beams} failed:\n{proc.stderr[-2000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    from moerun.converter.report import run_worker
+
+    stdout = run_worker([sys.executable, __file__, "--worker", variant, path, batch, beams, max_new, threads, sents],
+                        f"{variant} batch {batch} beam {beams}")
+    return json.loads(stdout.strip().splitlines()[-1])
 
 
 def table(records: list[dict]) -> str:

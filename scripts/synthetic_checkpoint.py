@@ -43,7 +43,7 @@ def synthesize(config, directory: Path, *, dtype: torch.dtype = torch.bfloat16, 
         groups.setdefault(group_of(name), []).append((name, param.shape))
     generator = torch.Generator().manual_seed(seed)
     weight_map, total = {}, 0
-    for index, (group, params) in enumerate(groups.items(), start=1):
+    for index, params in enumerate(groups.values(), start=1):
         tensors = {}
         for name, shape in params:
             if len(shape) == 1 and "norm" in name:

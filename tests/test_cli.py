@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, MixtralConfig, MixtralForSequenceClassification
 
-from conftest import run_cli, save_checkpoint, tiny_mixtral
+from conftest import run_cli, save_checkpoint, tiny_mixtral, tiny_nllb_moe
 
 
 def _assert_one_line_error(result, *needles: str) -> None:
@@ -97,8 +100,8 @@ def test_convert_sharded_with_verify_overwrite_then_generate(tmp_path):
     out.mkdir()
     result = run_cli("convert", str(sharded), "-o", str(out), "--verify", "--overwrite")
     assert result.returncode == 0, result.stderr
-    assert "verify: max |Δlogits|" in result.stderr and "passed" in result.stderr
-    assert "greedy agreement 100.0%" in result.stderr
+    assert "verify (whole model): max |Δlogits|" in result.stderr and "passed" in result.stderr
+    assert "greedy agreement with PyTorch 100.0%" in result.stderr and "generation loop 100%" in result.stderr
     report = json.loads((out / "moerun.json").read_text())["verify"]
     assert report["passed"] and report["max_abs_prefill"] < 1e-4
 
@@ -111,3 +114,43 @@ def test_bad_provider_and_bad_model_dir(tmp_path):
     _assert_one_line_error(run_cli("generate", str(tmp_path), "--prompt", "x"), "no moerun.json")
     result = run_cli("generate", str(tmp_path), "--prompt", "x", "--provider", "tpu")
     assert result.returncode == 2 and "Traceback" not in result.stderr
+
+
+def test_messages_and_paths_are_not_wrapped_when_piped(small_checkpoint, tmp_path):
+    out = tmp_path / ("a-directory-name-long-enough-that-a-path-would-not-fit-in-eighty-columns-" * 2) / "onnx"
+    result = run_cli("convert", str(small_checkpoint), "-o", str(out), "--verify")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == f"{out}\n", "the output path is one line, as scripts read it"
+    verify = [line for line in result.stderr.splitlines() if line.startswith("verify (")]
+    assert len(verify) == 1 and verify[0].endswith("passed"), result.stderr
+
+
+def test_quantize_a_model_directory_missing_its_graph(small_checkpoint, tmp_path):
+    from moerun.converter.convert import convert
+
+    onnx_dir = convert(small_checkpoint, tmp_path / "onnx").output
+    (onnx_dir / "model.onnx").unlink()
+    out = tmp_path / "int4"
+    _assert_one_line_error(run_cli("quantize", str(onnx_dir), "-o", str(out)), "model.onnx", "convert")
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "onnx"]
+
+
+def test_translate_refuses_stdin_that_is_not_utf8(tmp_path):
+    from moerun.converter.convert import convert
+
+    onnx_dir = convert(save_checkpoint(tiny_nllb_moe(), tmp_path / "nllb"), tmp_path / "onnx").output
+    exe = Path(sys.executable).with_name("moerun")
+    result = subprocess.run([str(exe), "translate", str(onnx_dir)], input="fine\ncafé au lait\n".encode("latin-1"),
+                            capture_output=True, timeout=600)
+    assert result.stdout == b""
+    result.stderr = result.stderr.decode()
+    _assert_one_line_error(result, "not UTF-8", "line 2")
+
+
+def test_bench_refuses_unwritable_outputs_before_measuring(small_checkpoint, tmp_path):
+    work = tmp_path / "work"
+    for option, path in (("--json", tmp_path / "missing-dir" / "bench.json"), ("--markdown", tmp_path)):
+        result = run_cli("bench", str(small_checkpoint), "--quick", "--compare", "hf", "--variants", "fp32",
+                         "--workdir", str(work), option, str(path))
+        _assert_one_line_error(result, option, str(path))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"], "nothing measured, nothing written"

@@ -163,3 +163,16 @@ def test_missing_rank_and_corrupt_files_are_one_line_errors(original, tmp_path):
     (directory / "ckpt-rank-0.pt").write_bytes(b"not a checkpoint")
     r = run_cli("convert", str(directory), "--source", "fairseq", "-o", str(tmp_path / "out"))
     assert r.returncode == 1 and "not a readable torch checkpoint" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("drop", ["model", "decoder.embed_tokens.weight"])
+def test_a_shared_file_missing_a_key_is_a_one_line_error(original, tmp_path, drop):
+    directory = write_fairseq(original, tmp_path / "fs")
+    data = torch.load(directory / "ckpt-shared.pt", weights_only=False)  # written by this test
+    del (data if drop == "model" else data["model"])[drop]
+    torch.save(data, directory / "ckpt-shared.pt")
+    with pytest.raises(MoerunError, match=re.escape(drop)):
+        load_fairseq_checkpoint(directory)
+    r = run_cli("convert", str(directory), "--source", "fairseq", "-o", str(tmp_path / "out"))
+    assert r.returncode == 1 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert drop in r.stderr and not (tmp_path / "out").exists()

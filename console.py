@@ -1,0 +1,128 @@
+"""What the `moerun` commands show on the terminal: rich consoles, stage lines, sizes and summary tables.
+
+Shared by cli.py and demo.py (neither imports the other's helpers).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+__all__ = ["err", "human_size", "out", "quiet_converter_libraries", "run_convert", "stages", "summary_table"]
+
+
+def _console(stderr: bool = False) -> Console:
+    """Rich wraps at the terminal's width, and at 80 columns in a pipe or a file, where it would break
+    messages and paths mid-phrase: so output that is not a terminal is never wrapped."""
+    console = Console(stderr=stderr, highlight=False)
+    console.soft_wrap = not console.is_terminal
+    return console
+
+
+err = _console(stderr=True)
+out = _console()
+
+
+def human_size(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def summary_table(rows: list[tuple[str, str]], title: str) -> Table:
+    table = Table(title=title, show_header=False)
+    table.add_column(style="bold")
+    table.add_column()
+    for k, v in rows:
+        table.add_row(k, v)
+    return table
+
+
+def quiet_converter_libraries() -> None:
+    """Imports the converter (and torch), then silences their loggers: torch resets its loggers' levels on
+    import, and the exporter logs a lot that users cannot act on."""
+    from transformers.utils import logging as hf_logging
+
+    from .converter import convert  # noqa: F401
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    for name in ("torch", "torch.onnx", "torch.onnx._internal.exporter._registration"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+@contextmanager
+def stages(first: str, echo: bool = True) -> Iterator[Callable[[str], None]]:
+    """A live status line on stderr; yields ``on_stage(name)``, which shows a stage (and with echo lists it)."""
+    with err.status(first) as status:
+        def on_stage(name: str) -> None:
+            status.update(f"[bold]{name}[/bold]")
+            if echo:
+                err.print(f"  • {name}")
+
+        yield on_stage
+
+
+class _ConvertDisplay:
+    """Stage lines on stderr, a spinner between them, and while the weights are written a bar with bytes
+    written, throughput and time left (rich shows neither when stderr is not a terminal)."""
+
+    def __init__(self) -> None:
+        self.status = err.status("checking the checkpoint")
+        self.bar = None
+
+    def stage(self, name: str) -> None:
+        self._end_bar()
+        self.status.update(f"[bold]{name}[/bold]")
+        err.print(f"  • {name}")
+
+    def progress(self, done: int, total: int) -> None:
+        from rich.progress import (
+            BarColumn,
+            DownloadColumn,
+            Progress,
+            TextColumn,
+            TimeRemainingColumn,
+            TransferSpeedColumn,
+        )
+
+        if not err.is_terminal:
+            return
+        if self.bar is None:
+            self.status.stop()
+            self.bar = Progress(TextColumn("    "), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                                TimeRemainingColumn(), console=err, transient=True)
+            self.bar.start()
+            self.task = self.bar.add_task("write", total=total)
+        self.bar.update(self.task, completed=done)
+
+    def _end_bar(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+            self.bar = None
+            self.status.start()
+
+    def __enter__(self) -> _ConvertDisplay:
+        self.status.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+        self.status.stop()
+
+
+def run_convert(source: Path, output: Path, **options):
+    """convert() with a live status line per stage and a progress bar while the weights are written."""
+    from .converter.convert import convert
+
+    quiet_converter_libraries()
+    with _ConvertDisplay() as display:
+        return convert(source, output, on_stage=display.stage, on_progress=display.progress, **options)
