@@ -222,7 +222,8 @@ def generate(model_dir: Path, prompts: tuple[str, ...], prompt_ids: tuple[str, .
         click.echo(line)
     s = model.last_stats
     err.print(f"prefill {s.prefill_tokens} tokens at {s.prefill_tokens_per_s:.0f} tok/s, "
-              f"decode {s.decode_tokens} tokens at {s.decode_tokens_per_s:.0f} tok/s")
+              f"decode {s.decode_tokens} tokens at {s.decode_tokens_per_s:.0f} tok/s, "
+              f"peak memory {peak_rss_mb():.0f} MB")
 
 
 @main.command()

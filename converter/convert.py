@@ -190,13 +190,13 @@ def export_graphs(checkpoint: Checkpoint, adapter, dtype: str, fusions: bool) ->
     fusion_counts: dict[str, int] = {}
     names: list[str] = []
     for name, model in graphs.items():
-        passes = [OrtFusions()] if fusions else []
+        passes = [FoldWeightTransposes()] + ([OrtFusions()] if fusions else [])
         passes += [PinIrVersion(), CheckFusedMoE(moe_layers[name])]
         for p in passes:
             model = p(model).model
         graphs[name] = model
         names = [type(p).__name__ for p in passes]
-        for fusion, n in (passes[0].counts if fusions else {}).items():
+        for fusion, n in (passes[1].counts if fusions else {}).items():
             fusion_counts[fusion] = fusion_counts.get(fusion, 0) + n
     return Exported(graphs, moe_layers, fused_attention, fusion_counts, names, trace_dtype)
 
@@ -209,9 +209,7 @@ def bind_weights(exported: Exported, checkpoint: Checkpoint, adapter) -> WeightS
     stream = WeightStream(skeleton, checkpoint.tensors,
                           lambda model: export_modules(model, adapter, exported.fused_attention))
     for name, model in exported.graphs.items():
-        for p in (BindWeights(stream, name), FoldWeightTransposes()):
-            model = p(model).model
-        exported.graphs[name] = model
+        exported.graphs[name] = BindWeights(stream, name)(model).model
     return stream
 
 

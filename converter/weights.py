@@ -168,9 +168,8 @@ class WeightStream:
             tensor = tensor.to(_FLOATS[dtype])
         return tensor.contiguous().numpy()
 
-    def lazy(self, graph: str, value: ir.Value) -> ir.LazyTensor:
-        """A LazyTensor for a weight initializer of ``graph``, checked against its declared type and shape."""
-        name, dtype, shape = value.name, value.dtype, value.shape
+    def lazy(self, graph: str, name: str, dtype: ir.DataType, shape: ir.Shape) -> ir.LazyTensor:
+        """A LazyTensor for weight ``name`` of ``graph``, checked against the type and shape the graph declares."""
 
         def compute() -> ir.Tensor:
             array = self.array(graph, name, dtype)

@@ -33,7 +33,8 @@ from moerun.converter.convert import convert
 from moerun.converter.quantize import QuantizeOptions
 from moerun.runtime.memory import peak_rss_mb
 start = time.perf_counter()
-result = convert(sys.argv[1], sys.argv[2], overwrite=True, quantize=QuantizeOptions(fp16=sys.argv[3] == "fp16"))
+result = convert(sys.argv[1], sys.argv[2], overwrite=True,
+                 quantize=QuantizeOptions(fp16=sys.argv[3] == "fp16", dense=sys.argv[4]))
 print(json.dumps({"seconds": time.perf_counter() - start, "peak_rss_mb": peak_rss_mb(),
                   "stages": result.seconds, "onnx_bytes": result.onnx_bytes, "loads": result.group_loads}))
 """
@@ -50,6 +51,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--rest", choices=["fp16", "fp32"], default="fp16",
                         help="Precision of everything but the experts (fp16: the size-optimal default for big models).")
+    parser.add_argument("--dense", choices=["none", "int8", "int4"], default="none",
+                        help="Also quantize the dense MatMuls (attention, lm_head) to MatMulNBits.")
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--keep", action="store_true", help="Keep the checkpoint and the model in WORKDIR.")
@@ -57,8 +60,8 @@ def main() -> None:
                         help="Reuse the kept model and OUT.json's conversion record; measure generation again.")
     args = parser.parse_args()
     checkpoint = args.workdir / f"{args.shape}-bf16"
-    output = args.workdir / f"{args.shape}-int4-{args.rest}"
-    record: dict = {"shape": args.shape, "rest": args.rest}
+    output = args.workdir / f"{args.shape}-int4-{args.rest}{'' if args.dense == 'none' else '-dense-' + args.dense}"
+    record: dict = {"shape": args.shape, "rest": args.rest, "dense": args.dense}
 
     if not (checkpoint / "model.safetensors.index.json").is_file():
         print(f"writing the synthetic checkpoint to {checkpoint}", flush=True)
@@ -76,7 +79,7 @@ def main() -> None:
         converted = json.loads(args.out.with_suffix(".json").read_text())["convert"]
     else:
         print(f"converting (int4 experts, {args.rest} elsewhere)", flush=True)
-        converted = json.loads(run_worker([sys.executable, "-c", _CONVERT, checkpoint, output, args.rest],
+        converted = json.loads(run_worker([sys.executable, "-c", _CONVERT, checkpoint, output, args.rest, args.dense],
                                           "conversion").strip().splitlines()[-1])
     record.update(convert=converted, gb_per_min=checkpoint_bytes / 1e9 / (converted["seconds"] / 60))
     print(json.dumps(converted), flush=True)
@@ -97,7 +100,8 @@ def main() -> None:
         f"# Converting a {args.shape}-shaped checkpoint on this machine", "",
         "| | |", "|---|---|",
         f"| checkpoint (bf16 safetensors) | {_gb(checkpoint_bytes)} |",
-        f"| output (int4 experts, {args.rest} rest) | {_gb(c['onnx_bytes'])} "
+        f"| output (int4 experts, {'dense ' + args.dense + ', ' if args.dense != 'none' else ''}{args.rest} rest) "
+        f"| {_gb(c['onnx_bytes'])} "
         f"({c['onnx_bytes'] / checkpoint_bytes:.3f}x) |",
         f"| conversion wall time | {c['seconds'] / 60:.1f} min ({record['gb_per_min']:.2f} GB of checkpoint/min) |",
         f"| conversion peak RSS | {c['peak_rss_mb'] / 1024:.2f} GB |",

@@ -22,13 +22,20 @@ def test_a_broken_generation_loop_fails_verification(checkpoint, tmp_path, monke
     from moerun.runtime.errors import VerificationError
     from moerun.runtime.model import MoEModel
 
-    generate_ids = MoEModel.generate_ids
+    load = MoEModel.load
 
-    def rows_mixed_up(self, prompts, *args, **kwargs):  # as a padding bug would: each row gets another's tokens
-        out = generate_ids(self, prompts, *args, **kwargs)
-        return out[1:] + out[:1]
+    def broken_load(*args, **kwargs):
+        model = load(*args, **kwargs)
+        generate_ids = model.generate_ids
 
-    monkeypatch.setattr(MoEModel, "generate_ids", rows_mixed_up)
+        def rows_mixed_up(prompts, *a, **kw):  # as a padding bug would: each row gets another's tokens
+            out = generate_ids(prompts, *a, **kw)
+            return out[1:] + out[:1]
+
+        model.generate_ids = rows_mixed_up
+        return model
+
+    monkeypatch.setattr(MoEModel, "load", broken_load)
     with pytest.raises(VerificationError, match="generation loop's greedy tokens agree with the graph's own"):
         convert(checkpoint, tmp_path / "out", verify=True)
     assert not (tmp_path / "out").exists()

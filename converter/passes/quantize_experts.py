@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import logging
 
-import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 
-from ...custom_ops.quantize import QuantizedWeight, QuantSpec, quantize_with_error
+from ...custom_ops.quantize import QuantSpec, quantize_with_error
 from ...custom_ops.schemas import DOMAIN
 from ...runtime.errors import MoerunError
+from .lazy import SharedResult, lazy_tensor
 
 __all__ = ["QuantizeExperts"]
 
@@ -29,39 +29,6 @@ def _weight(node: ir.Node, index: int, what: str) -> ir.Value:
     if value is None or value.const_value is None or value.shape is None or len(value.shape) != 3:
         raise MoerunError(f"{node.name}: {what} is not a constant (E, N, K) initializer; cannot quantize it")
     return value
-
-
-def _initializer(graph: ir.Graph, tensor: ir.TensorProtocol) -> ir.Value:
-    value = ir.Value(name=tensor.name, shape=tensor.shape, type=ir.TensorType(tensor.dtype), const_value=tensor)
-    graph.register_initializer(value)
-    return value
-
-
-class _Quantized:
-    """One expert weight, quantized on first use and shared by its packed weights, scales and zero points;
-    dropped once each of them has been read (written), so one layer is in memory at a time."""
-
-    def __init__(self, source: ir.TensorProtocol, spec: QuantSpec, record: dict, what: str) -> None:
-        self.source, self.spec, self.record, self.what = source, spec, record, what
-        self.readers = 2 if spec.symmetric else 3
-        self._result: QuantizedWeight | None = None
-        self._pending = 0
-
-    def part(self, attr: str) -> np.ndarray:
-        if self._result is None:
-            self._result, rel_rmse = quantize_with_error(self.source.numpy(), self.spec)
-            self.record[f"{self.what}_rel_rmse"] = rel_rmse
-            self._pending = self.readers
-            log.info("%s %s: rel rmse %.4f", self.record["node"], self.what, rel_rmse)
-        part = getattr(self._result, attr)
-        self._pending -= 1
-        if self._pending == 0:
-            self._result = None
-        return part
-
-
-def _lazy(name: str, dtype: ir.DataType, shape: tuple, compute) -> ir.LazyTensor:
-    return ir.LazyTensor(lambda: ir.tensor(compute(), name=name), dtype=dtype, shape=ir.Shape(shape), name=name)
 
 
 def _zero_point_shape(e: int, n: int, groups: int | None, bits: int) -> tuple:
@@ -103,19 +70,26 @@ class QuantizeExperts(ir.passes.InPlacePass):
         except ValueError as err:
             raise MoerunError(f"cannot quantize {record['node']} {what} {(e, n, k)}: {err}") from None
         groups = k // spec.block_size if spec.block_size else None
-        q = _Quantized(weight.const_value, spec, record, what)
+        source = weight.const_value
+
+        def compute() -> dict:
+            quantized, rel_rmse = quantize_with_error(source.numpy(), spec)
+            record[f"{what}_rel_rmse"] = rel_rmse
+            log.info("%s %s: rel rmse %.4f", record["node"], what, rel_rmse)
+            return {"packed": quantized.packed, "scales": quantized.scales, "zero_points": quantized.zero_points}
+
+        q = SharedResult(compute, readers=2 if spec.symmetric else 3)
         dtype, name = weight.dtype, weight.name  # named after the weight: its layer group is written with it
         inputs = [
-            _initializer(graph, _lazy(f"{name}.qweight", ir.DataType.UINT8, (e, n, k * spec.bits // 8),
-                                      lambda: q.part("packed"))),
+            lazy_tensor(graph, f"{name}.qweight", ir.DataType.UINT8, (e, n, k * spec.bits // 8),
+                        lambda: q.part("packed")),
             # scales in the activations' precision
-            _initializer(graph, _lazy(f"{name}.scales", dtype, (e, n, groups) if groups else (e, n),
-                                      lambda: q.part("scales").astype(dtype.numpy()))),
+            lazy_tensor(graph, f"{name}.scales", dtype, (e, n, groups) if groups else (e, n),
+                        lambda: q.part("scales")),
         ]
         if not spec.symmetric:
-            inputs.append(_initializer(graph, _lazy(f"{name}.zero_points", ir.DataType.UINT8,
-                                                    _zero_point_shape(e, n, groups, spec.bits),
-                                                    lambda: q.part("zero_points"))))
+            inputs.append(lazy_tensor(graph, f"{name}.zero_points", ir.DataType.UINT8,
+                                      _zero_point_shape(e, n, groups, spec.bits), lambda: q.part("zero_points")))
         return inputs
 
     def _rewrite(self, graph: ir.Graph, node: ir.Node, index: int) -> None:
