@@ -2,6 +2,6 @@
 
 from .errors import MoerunError
 from .manifest import Manifest
-from .model import MoEModel
+from .model import DecoderModel, MoEModel, Seq2SeqModel
 
-__all__ = ["Manifest", "MoEModel", "MoerunError"]
+__all__ = ["DecoderModel", "Manifest", "MoEModel", "MoerunError", "Seq2SeqModel"]

@@ -8,8 +8,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnxruntime as ort
 
-from .errors import MoerunError
-from .manifest import Manifest
+from .buffers import bind_host_output, device_buffer, output_spec
+from .checks import check_count, is_number
+from .errors import MoerunError, RequestError
+from .manifest import Manifest, decoder_io_names
+from .search import _top_k as top_k
 
 __all__ = ["DecoderRunner", "GenerationStats", "SamplingConfig", "filter_logits", "left_pad", "pick_next",
            "right_pad", "trim_at_eos"]
@@ -26,12 +29,15 @@ class SamplingConfig:
     seed: int | None = None
 
     def __post_init__(self) -> None:
-        if self.temperature <= 0:
-            raise MoerunError(f"temperature must be > 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise MoerunError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            raise MoerunError(f"top_k must be >= 0, got {self.top_k}")
+        if not isinstance(self.do_sample, (bool, np.bool_)):
+            raise RequestError(f"do_sample must be True or False, got {self.do_sample!r}")
+        if not is_number(self.temperature) or self.temperature <= 0:
+            raise RequestError(f"temperature must be a number > 0, got {self.temperature!r}")
+        if not is_number(self.top_p) or not 0 < self.top_p <= 1:
+            raise RequestError(f"top_p must be a number in (0, 1], got {self.top_p!r}")
+        check_count(self.top_k, "top_k", minimum=0)
+        if self.seed is not None:
+            check_count(self.seed, "seed", minimum=0)
 
 
 @dataclass
@@ -71,56 +77,107 @@ def right_pad(sequences: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.n
 
 
 def filter_logits(logits: np.ndarray, sampling: SamplingConfig) -> np.ndarray:
-    """Temperature, then top-k, then top-p (as transformers' warpers): removed tokens get -inf."""
-    scores = logits.astype(np.float64) / sampling.temperature
-    if sampling.top_k and sampling.top_k < scores.shape[-1]:
-        kth = np.partition(scores, -sampling.top_k, axis=-1)[:, -sampling.top_k, None]
-        scores = np.where(scores < kth, -np.inf, scores)
+    """Temperature, then top-k, then top-p (as transformers' warpers), in float32: removed tokens get -inf."""
+    ids, scores = _candidates(logits, sampling)
+    out = np.full(logits.shape, -np.inf, dtype=np.float32)
+    np.put_along_axis(out, ids, scores, axis=-1)
+    return out
+
+
+def _largest(scores: np.ndarray, n: int) -> np.ndarray:
+    """Column indices of the n largest values of each row, in no particular order."""
+    width = scores.shape[-1]
+    if n >= width:
+        return np.broadcast_to(np.arange(width), scores.shape)
+    if n <= 256:  # beam search's sampled top-k: 1.5-7x faster than a partition of a large vocabulary for a few
+        return top_k(scores, n)
+    return np.argpartition(scores, width - n, axis=-1)[:, width - n:]
+
+
+def _candidates(logits: np.ndarray, sampling: SamplingConfig) -> tuple[np.ndarray, np.ndarray]:
+    """(token ids, scores), each (batch, n): the tokens that temperature, top-k and top-p can keep, with their
+    scores (-inf for those the filters remove). Only the candidates are sorted, never the whole vocabulary."""
+    scores = logits.astype(np.float32) / np.float32(sampling.temperature)
+    vocab = scores.shape[-1]
+    ids = np.broadcast_to(np.arange(vocab), scores.shape)
+    if 0 < sampling.top_k < vocab:
+        top = _largest(scores, sampling.top_k)
+        top_scores = np.take_along_axis(scores, top, axis=-1)
+        kth = top_scores.min(axis=-1, keepdims=True)
+        if ((scores >= kth).sum(axis=-1) == sampling.top_k).all():
+            ids, scores = top, top_scores
+        else:  # ties at the k-th score: TopKLogitsWarper keeps every tied token
+            scores = np.where(scores < kth, -np.inf, scores)
     if sampling.top_p < 1.0:
-        order = np.argsort(scores, axis=-1, kind="stable")  # ascending, as TopPLogitsWarper
-        sorted_scores = np.take_along_axis(scores, order, axis=-1)
-        probs = _softmax(sorted_scores)
-        remove = np.cumsum(probs, axis=-1) <= 1 - sampling.top_p
-        remove[:, -1] = False  # always keep the most likely token
-        sorted_scores[remove] = -np.inf
-        np.put_along_axis(scores, order, sorted_scores, axis=-1)
-    return scores
+        return _top_p(ids, scores, sampling.top_p)
+    return ids, scores
 
 
-def _softmax(scores: np.ndarray) -> np.ndarray:
-    e = np.exp(scores - scores.max(axis=-1, keepdims=True))
-    return e / e.sum(axis=-1, keepdims=True)
+_TOP_P_FIRST = 64  # candidates first tried for top-p; grown 8x until they hold top_p of the probability
+
+
+def _top_p(ids: np.ndarray, scores: np.ndarray, top_p: float) -> tuple[np.ndarray, np.ndarray]:
+    """TopPLogitsWarper on candidates: a token stays while the probability of the tokens ranked above it is below
+    top_p; ranked by score, the higher id first among equal scores (transformers sorts ascending, stably).
+    Returns the (sorted) few candidates that decide it, the removed ones at -inf."""
+    high = scores.max(axis=-1, keepdims=True)
+    total = np.exp(scores - high).sum(axis=-1, keepdims=True, dtype=np.float64)
+    n = min(_TOP_P_FIRST, scores.shape[-1])
+    while True:
+        pick = _largest(scores, n)
+        top_ids, top_scores = np.take_along_axis(ids, pick, axis=-1), np.take_along_axis(scores, pick, axis=-1)
+        order = np.lexsort((-top_ids, -top_scores), axis=-1)
+        top_ids, top_scores = np.take_along_axis(top_ids, order, axis=-1), np.take_along_axis(top_scores, order, -1)
+        # float64 on the few candidates: the boundary falls where transformers puts it
+        top_probs = np.exp(top_scores.astype(np.float64) - high) / total
+        above = np.cumsum(top_probs, axis=-1) - top_probs
+        # Tokens outside these n are removed when the n hold top_p and none outside ties with the last of them.
+        settled = (above[:, -1] + top_probs[:, -1] >= top_p) & ((scores >= top_scores[:, -1:]).sum(axis=-1) == n)
+        if n == scores.shape[-1] or settled.all():
+            return top_ids, np.where(above < top_p, top_scores, -np.inf)
+        n = min(8 * n, scores.shape[-1])
 
 
 def pick_next(logits: np.ndarray, sampling: SamplingConfig, rng: np.random.Generator) -> np.ndarray:
     """Next token per row from last-position logits (batch, vocab): argmax, or a draw from the filtered softmax."""
     if not sampling.do_sample:
         return logits.argmax(axis=-1)
-    cumulative = _softmax(filter_logits(logits, sampling)).cumsum(axis=-1)
+    ids, scores = _candidates(logits, sampling)
+    cumulative = np.exp(scores - scores.max(axis=-1, keepdims=True)).cumsum(axis=-1)  # unnormalised: scaled below
     draws = rng.random((logits.shape[0], 1)) * cumulative[:, -1:]
-    return (cumulative < draws).sum(axis=-1).clip(max=logits.shape[-1] - 1)
+    picked = (cumulative < draws).sum(axis=-1).clip(max=ids.shape[-1] - 1)
+    return np.take_along_axis(ids, picked[:, None], axis=-1)[:, 0]
 
 
 class DecoderRunner:
     """Runs the decoder graph step by step; KV-cache tensors stay as OrtValues on the device.
 
     Traced-attention graphs take left-padded batches with position_ids, and return presents one
-    step longer than the past. Fused-attention graphs (GroupQueryAttention) take right-padded
-    batches; their KV cache is one buffer per tensor, allocated once for the whole generation and
+    step longer than the past: each step's presents are bound as the next step's pasts where they
+    lie (the graph itself concatenates, so each step still copies the cache once inside ONNX
+    Runtime). Fused-attention graphs (GroupQueryAttention) take right-padded batches; their KV
+    cache is one buffer per tensor, allocated once on the device for the whole generation and
     bound as both past and present, so ONNX Runtime appends to it in place.
+
+    Logits land in host arrays that ONNX Runtime writes (copies from the device, on CUDA); of the
+    prefill's (batch, seq, vocab) only the (batch, vocab) that generation needs is kept.
     """
 
     def __init__(self, session: ort.InferenceSession, manifest: Manifest, device: str) -> None:
         self.session = session
         self.manifest = manifest
         self.device = device
-        self.past_names = [n for n in manifest.inputs if n.startswith("past_key_values.")]
-        self.present_names = manifest.outputs[1:]
+        inputs, outputs = decoder_io_names(manifest.num_layers)
+        self.past_names = [n for n in inputs if n.startswith("past_key_values.")]
+        self.present_names = outputs[1:]
         self.kv_dtype = np.float16 if manifest.dtype == "fp16" else np.float32
+        self.logits_dtype, self.vocab = output_spec(session, "logits", manifest.vocab_size)
+
+    def kv_buffer(self, shape: tuple[int, ...]) -> ort.OrtValue:
+        return device_buffer(shape, self.kv_dtype, self.device)
 
     def empty_past(self, batch: int, length: int = 0) -> list[ort.OrtValue]:
-        return [ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, dtype=self.kv_dtype), self.device, 0)
-                for shape in self.manifest.past_shapes(batch, length)]
+        return [self.kv_buffer(shape) for shape in self.manifest.past_shapes(batch, length)]
 
     def step(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray,
              past: list[ort.OrtValue]) -> tuple[np.ndarray, list[ort.OrtValue]]:
@@ -131,16 +188,18 @@ class DecoderRunner:
         binding.bind_cpu_input("position_ids", np.ascontiguousarray(position_ids, dtype=np.int64))
         for name, value in zip(self.past_names, past):
             binding.bind_ortvalue_input(name, value)
-        binding.bind_output("logits", self.device)
+        logits = bind_host_output(binding, "logits", (*input_ids.shape, self.vocab), self.logits_dtype)
         for name in self.present_names:
             binding.bind_output(name, self.device)
         self.session.run_with_iobinding(binding)
-        outputs = binding.get_outputs()
-        return outputs[0].numpy(), list(outputs[1:])
+        return logits, list(binding.get_outputs()[1:])
 
     def generate(self, prompts: list[list[int]], max_new_tokens: int, sampling: SamplingConfig,
                  eos_token_ids: list[int], pad_token_id: int) -> tuple[list[list[int]], GenerationStats]:
-        """New tokens per prompt, each ending at (and including) its first EOS token."""
+        """New tokens per prompt, each ending at (and including) its first EOS token.
+
+        ``decode_tokens`` in the stats counts the tokens the decode steps really generated: a row that has
+        finished is still computed (the batch keeps its shape) but counts no more."""
         if max_new_tokens < 1:
             raise MoerunError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         rng = np.random.default_rng(sampling.seed)
@@ -162,7 +221,7 @@ class DecoderRunner:
             if finished.all() or t == max_new_tokens - 1:
                 break
             logits = steps.send(token[:, None])
-            stats.decode_tokens += batch
+            stats.decode_tokens += int(batch - finished.sum())
         stats.decode_s = time.perf_counter() - start
         return [trim_at_eos(row, eos) for row in generated.tolist()], stats
 
@@ -170,14 +229,17 @@ class DecoderRunner:
         """A generator: yields last-position logits (batch, vocab), is sent the next tokens (batch, 1)."""
         input_ids, mask = left_pad(prompts, pad_token_id)
         stats.prefill_tokens = int(mask.sum())
-        batch = len(prompts)
+        batch, width = mask.shape
         positions = np.where(mask == 1, mask.cumsum(-1) - 1, 0)
         logits, past = self.step(input_ids, mask, positions, self.empty_past(batch))
-        tokens = yield logits[:, -1]
+        last = logits[:, -1].copy()
+        del logits  # the prefill's (batch, seq, vocab): only the last position is needed
+        tokens = yield last
+        full_mask = np.ones((batch, width + max_new_tokens), dtype=np.int64)
+        full_mask[:, :width] = mask
         next_pos = mask.sum(-1, keepdims=True)
-        for _ in range(max_new_tokens - 1):
-            mask = np.concatenate([mask, np.ones((batch, 1), dtype=np.int64)], axis=1)
-            logits, past = self.step(tokens, mask, next_pos, past)
+        for t in range(1, max_new_tokens):
+            logits, past = self.step(tokens, full_mask[:, : width + t], next_pos, past)
             next_pos = next_pos + 1
             tokens = yield logits[:, -1]
 
@@ -185,7 +247,7 @@ class DecoderRunner:
         """As _traced_steps, on right-padded rows and KV buffers sized once for the whole generation.
 
         One IO binding serves every step: the KV buffers are bound once as both past and present, and
-        on CPU the decode logits land in one preallocated array; a step rebinds only its two inputs.
+        the decode logits land in one preallocated host array; a step rebinds only its two inputs.
         """
         input_ids, mask = right_pad(prompts, pad_token_id)
         stats.prefill_tokens = int(mask.sum())
@@ -196,27 +258,25 @@ class DecoderRunner:
         full_mask = np.zeros((batch, width + max_new_tokens), dtype=np.int64)
         full_mask[:, :width] = mask
         binding = self.session.io_binding()
-        binding.bind_output("logits", self.device)  # first: get_outputs() lists outputs as bound
+        vocab = self.vocab
+        logits = bind_host_output(binding, "logits", (batch, width, vocab), self.logits_dtype)
         for past_name, present_name, value in zip(self.past_names, self.present_names, past):
             binding.bind_ortvalue_input(past_name, value)
             binding.bind_ortvalue_output(present_name, value)
         binding.bind_cpu_input("input_ids", input_ids)
         binding.bind_cpu_input("attention_mask", mask)
         self.session.run_with_iobinding(binding)
-        logits = binding.get_outputs()[0].numpy()
-        tokens = yield logits[rows, lengths - 1]
-        step_logits = None
-        if self.device == "cpu":  # ONNX Runtime writes straight into this array
-            step_logits = np.empty((batch, 1, logits.shape[-1]), dtype=logits.dtype)
-            binding.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(step_logits))
+        last = logits[rows, lengths - 1]  # a copy: the prefill's (batch, seq, vocab) goes
+        step_logits = bind_host_output(binding, "logits", (batch, 1, vocab), self.logits_dtype)
+        del logits
+        tokens = yield last
         for _ in range(max_new_tokens - 1):
             full_mask[rows, lengths] = 1  # each row's next token goes right after its own last one
             lengths += 1
             binding.bind_cpu_input("input_ids", np.ascontiguousarray(tokens, dtype=np.int64))
             binding.bind_cpu_input("attention_mask", np.ascontiguousarray(full_mask[:, : lengths.max()]))
             self.session.run_with_iobinding(binding)
-            logits = step_logits if step_logits is not None else binding.get_outputs()[0].numpy()
-            tokens = yield logits[:, -1]
+            tokens = yield step_logits[:, -1]
 
 
 def trim_at_eos(row: list[int], eos) -> list[int]:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnxruntime as ort
 
+from .buffers import bind_host_output, bind_input, device_buffer, output_spec, to_device
 from .manifest import Manifest, seq2seq_io_names
 
 __all__ = ["EncoderOutput", "Seq2SeqRunner"]
@@ -21,20 +22,25 @@ __all__ = ["EncoderOutput", "Seq2SeqRunner"]
 @dataclass
 class EncoderOutput:
     hidden_states: np.ndarray        # (batch, source_length, d_model)
-    cross: list[np.ndarray]          # per decoder layer: key, value (batch, heads, source_length, head_dim)
+    cross: list[np.ndarray]          # per decoder layer: key, value (batch, heads, source_length, head_dim), host
     attention_mask: np.ndarray       # (batch, source_length) int64
 
 
 class _DecodeState:
-    """The decoder's state across search steps; ``__call__`` is the ``step`` the search drives."""
+    """The decoder's state across search steps; ``__call__`` is the ``step`` the search drives.
+
+    The self-attention cache stays where ONNX Runtime wrote it: each step's presents are bound as the next step's
+    pasts. Rows are gathered only when the search reorders or drops them (beam search, batch pruning); the cross
+    keys and values are uploaded once, and again only when sentences leave the batch.
+    """
 
     def __init__(self, runner: Seq2SeqRunner, encoded: EncoderOutput) -> None:
         self.runner = runner
         self.encoded = encoded
         self.entries: np.ndarray | None = None   # batch entry of each live row
-        self.cross: list[np.ndarray] = []
+        self.cross: list[ort.OrtValue] = []      # on the runner's device
         self.mask: np.ndarray | None = None
-        self.past: list[np.ndarray] = []
+        self.past: list[ort.OrtValue] = []       # on the runner's device
         self.rows_computed = 0
         self.steps = 0
         self.seconds = 0.0
@@ -48,14 +54,14 @@ class _DecodeState:
         else:
             entries = self.entries[rows]
             if len(rows) != len(self.entries) or not np.array_equal(rows, np.arange(len(rows))):
-                self.past = [p.take(rows, axis=0) for p in self.past]
+                self.past = self.runner.gather(self.past, rows)
         if self.entries is None or not np.array_equal(entries, self.entries):
             # Beams of one sentence share its source: gather cross K/V only when sentences leave.
-            self.cross = [c.take(entries, axis=0) for c in self.encoded.cross]
+            device = self.runner.device
+            self.cross = [to_device(c.take(entries, axis=0), device) for c in self.encoded.cross]
             self.mask = self.encoded.attention_mask.take(entries, axis=0)
         self.entries = entries
-        logits, self.past = self.runner.decode(np.ascontiguousarray(tokens, dtype=np.int64), self.mask,
-                                               self.past, self.cross)
+        logits, self.past = self.runner.decode(tokens, self.mask, self.past, self.cross)
         self.rows_computed += len(rows)
         self.steps += 1
         self.seconds += time.perf_counter() - start
@@ -63,10 +69,12 @@ class _DecodeState:
 
 
 class Seq2SeqRunner:
-    """Runs the encoder graph once per batch and the decoder graph once per step."""
+    """Runs the encoder graph once per batch and the decoder graph once per step, with IO binding: the decoder's
+    caches stay on ``device`` ("cpu" or "cuda"; CUDA untested by the test suite, see scripts/check_cuda.py)."""
 
-    def __init__(self, encoder: ort.InferenceSession, decoder: ort.InferenceSession, manifest: Manifest) -> None:
-        self.encoder, self.decoder, self.manifest = encoder, decoder, manifest
+    def __init__(self, encoder: ort.InferenceSession, decoder: ort.InferenceSession, manifest: Manifest,
+                 device: str = "cpu") -> None:
+        self.encoder, self.decoder, self.manifest, self.device = encoder, decoder, manifest, device
         names = seq2seq_io_names(manifest.num_layers)
         self.encoder_outputs = names["encoder"][1]
         self.decoder_inputs, self.decoder_outputs = names["decoder"]
@@ -74,6 +82,7 @@ class Seq2SeqRunner:
         self.past_names = self.decoder_inputs[2: 2 + n]
         self.cross_names = self.decoder_inputs[2 + n:]
         self.kv_dtype = np.float16 if manifest.dtype == "fp16" else np.float32
+        self.logits_dtype, self.vocab = output_spec(decoder, "logits", manifest.vocab_size)
 
     def encode(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> EncoderOutput:
         input_ids = np.ascontiguousarray(input_ids, dtype=np.int64)
@@ -82,17 +91,31 @@ class Seq2SeqRunner:
                                                                  "attention_mask": attention_mask})
         return EncoderOutput(hidden, cross, attention_mask)
 
-    def empty_past(self, rows: int) -> list[np.ndarray]:
-        return [np.zeros(shape, dtype=self.kv_dtype) for shape in self.manifest.past_shapes(rows)]
+    def empty_past(self, rows: int) -> list[ort.OrtValue]:
+        return [device_buffer(shape, self.kv_dtype, self.device) for shape in self.manifest.past_shapes(rows)]
 
-    def decode(self, input_ids: np.ndarray, encoder_attention_mask: np.ndarray, past: list[np.ndarray],
-               cross: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
-        """One decoder call: (logits (rows, length, vocab), the self-attention presents)."""
-        feeds = {"input_ids": input_ids, "encoder_attention_mask": encoder_attention_mask}
-        feeds.update(zip(self.past_names, past))
-        feeds.update(zip(self.cross_names, cross))
-        logits, *presents = self.decoder.run(self.decoder_outputs, feeds)
-        return logits, presents
+    def gather(self, past: list[ort.OrtValue], rows: np.ndarray) -> list[ort.OrtValue]:
+        """The rows ``rows`` of every cache tensor. On the CPU a NumPy take on ONNX Runtime's own buffers; on CUDA
+        through the host (the graph has no gather input), only on the steps that reorder or drop rows."""
+        return [to_device(value.numpy().take(rows, axis=0), self.device) for value in past]
+
+    def decode(self, input_ids: np.ndarray, encoder_attention_mask: np.ndarray, past: list,
+               cross: list) -> tuple[np.ndarray, list[ort.OrtValue]]:
+        """One decoder call: (logits (rows, length, vocab) on the host, the self-attention presents as OrtValues on
+        the device). ``past`` and ``cross`` may be OrtValues (bound where they lie) or host arrays."""
+        input_ids = np.ascontiguousarray(input_ids, dtype=np.int64)
+        binding = self.decoder.io_binding()
+        binding.bind_cpu_input("input_ids", input_ids)
+        binding.bind_cpu_input("encoder_attention_mask", np.ascontiguousarray(encoder_attention_mask, dtype=np.int64))
+        for name, value in zip(self.past_names, past):
+            bind_input(binding, name, value)
+        for name, value in zip(self.cross_names, cross):
+            bind_input(binding, name, value)
+        logits = bind_host_output(binding, "logits", (*input_ids.shape, self.vocab), self.logits_dtype)
+        for name in self.decoder_outputs[1:]:
+            binding.bind_output(name, self.device)
+        self.decoder.run_with_iobinding(binding)
+        return logits, list(binding.get_outputs()[1:])
 
     def start(self, encoded: EncoderOutput) -> _DecodeState:
         """A fresh decoding state for ``encoded``: the ``step`` callable of runtime.search."""
