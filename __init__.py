@@ -2,11 +2,11 @@
 
 from importlib.metadata import PackageNotFoundError, version
 
-from .runtime import Manifest, MoEModel, MoerunError
+from .runtime import DecoderModel, Manifest, MoEModel, MoerunError, Seq2SeqModel
 
 try:
     __version__ = version("moerun")
 except PackageNotFoundError:  # running from a source tree that was not installed
     __version__ = "0.0.0"
 
-__all__ = ["Manifest", "MoEModel", "MoerunError", "__version__"]
+__all__ = ["DecoderModel", "Manifest", "MoEModel", "MoerunError", "Seq2SeqModel", "__version__"]
