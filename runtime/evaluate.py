@@ -16,6 +16,7 @@ import numpy as np
 
 from .memory import peak_rss_mb
 from .model import MoEModel
+from .search import log_softmax
 
 __all__ = ["EvalResult", "evaluate", "perplexity"]
 
@@ -32,12 +33,6 @@ class EvalResult:
     load_s: float
 
 
-def _log_softmax(x: np.ndarray) -> np.ndarray:
-    x = x.astype(np.float64)
-    m = x.max(axis=-1, keepdims=True)
-    return x - m - np.log(np.exp(x - m).sum(axis=-1, keepdims=True))
-
-
 def perplexity(model: MoEModel, ids: list[int], window: int = WINDOW, batch: int = BATCH) -> tuple[float, np.ndarray]:
     """Perplexity over non-overlapping windows, and the argmax prediction at every scored position."""
     n = len(ids) // window
@@ -48,7 +43,7 @@ def perplexity(model: MoEModel, ids: list[int], window: int = WINDOW, batch: int
     for start in range(0, n, batch):
         chunk = windows[start:start + batch]
         logits, _ = model.forward(chunk)
-        logp = _log_softmax(logits[:, :-1])
+        logp = log_softmax(logits[:, :-1].astype(np.float64))
         targets = chunk[:, 1:]
         nll -= np.take_along_axis(logp, targets[..., None], axis=-1).sum()
         count += targets.size

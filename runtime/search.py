@@ -17,7 +17,7 @@ import numpy as np
 
 from .errors import MoerunError
 
-__all__ = ["SearchConfig", "SearchResult", "StepFn", "search"]
+__all__ = ["SearchConfig", "SearchResult", "StepFn", "log_softmax", "search"]
 
 log = logging.getLogger(__name__)
 
@@ -94,8 +94,8 @@ def _call(step: StepFn, rows: np.ndarray, tokens: np.ndarray) -> np.ndarray:
     return logits.astype(np.float32, copy=False)
 
 
-def _log_softmax(logits: np.ndarray) -> np.ndarray:
-    """In float32 and in torch's order of operations: (x - max) - log(sum(exp(x - max)))."""
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    """In the logits' precision and in torch's order of operations: (x - max) - log(sum(exp(x - max)))."""
     out = logits - logits.max(axis=-1, keepdims=True)
     out -= np.log(np.exp(out).sum(axis=-1, keepdims=True))
     return out
@@ -223,7 +223,7 @@ def _beam(step: StepFn, start: np.ndarray, eos: np.ndarray, pad: int, max_length
             raise MoerunError(f"beam search with {beams} beams needs a vocabulary of at least {keep_k // beams} "
                               f"tokens, the decoder returned {vocab}")
         history = running[:, :, :cur_len].reshape(n * beams, cur_len) if config.no_repeat_ngram_size else None
-        log_probs = _process(_log_softmax(logits), cur_len, history, config, forced_bos)
+        log_probs = _process(log_softmax(logits), cur_len, history, config, forced_bos)
         accumulated = log_probs.reshape(n, beams, vocab)
         accumulated += running_scores[:, :, None]
         accumulated = accumulated.reshape(n, beams * vocab)
