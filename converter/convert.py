@@ -205,7 +205,10 @@ def export_graphs(checkpoint: Checkpoint, adapter, dtype: str, fusions: bool) ->
 
 def bind_weights(exported: Exported, checkpoint: Checkpoint, adapter) -> WeightStream:
     """Bind every weight of the graphs to the checkpoint (LazyTensors, read when written)."""
-    skeleton = build_skeleton(checkpoint.config, checkpoint.dtype, adapter.attn_implementation)
+    # Weights are loaded in the checkpoint's dtype (half the memory of fp32 for bf16 releases); encoder-decoder
+    # adapters compute with them (NLLB-MoE folds its expert output scale into fc2), so they load in fp32.
+    dtype = torch.float32 if getattr(adapter, "seq2seq", False) else checkpoint.dtype
+    skeleton = build_skeleton(checkpoint.config, dtype, adapter.attn_implementation)
     stream = WeightStream(skeleton, checkpoint.tensors,
                           lambda model: export_modules(model, adapter, exported.fused_attention))
     for name, model in exported.graphs.items():

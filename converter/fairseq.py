@@ -125,6 +125,13 @@ def _model_args(data: dict, file: Path) -> dict:
     raise CheckpointError(f"{file}: neither 'args' nor 'cfg.model' holds the model's configuration")
 
 
+def _tied(shared: dict) -> bool:
+    """fairseq's state dict lists the output projection even when it shares embed_tokens' weight (PyTorch lists
+    a shared parameter under every name): tied when the two hold the same values."""
+    projection = shared.get("decoder.output_projection.weight")
+    return projection is None or torch.equal(projection, shared["decoder.embed_tokens.weight"])
+
+
 def _config(args: dict, shared: dict, file: Path):
     from transformers import NllbMoeConfig
 
@@ -153,8 +160,10 @@ def _config(args: dict, shared: dict, file: Path):
         normalize_router_prob_before_dropping=bool(args.get("moe_normalize_gate_prob_before_dropping", False)),
         batch_prioritized_routing=bool(args.get("moe_batch_prioritized_routing", False)),
         moe_eval_capacity_token_fraction=args.get("moe_eval_capacity_token_fraction") or 1.0,
+        # fairseq scales every expert's output by 1 - moe_eom at inference (moe_layer.py; default 0.0)
+        moe_token_dropout=float(args.get("moe_eom") or 0.0),
         pad_token_id=1, bos_token_id=0, eos_token_id=2, decoder_start_token_id=2,
-        tie_word_embeddings="decoder.output_projection.weight" not in shared,
+        tie_word_embeddings=_tied(shared),
     )
     config.architectures = ["NllbMoeForConditionalGeneration"]
     return config
@@ -199,7 +208,12 @@ def load_fairseq_checkpoint(path: str | Path):
         if name is not None:
             state[name] = tensor
     state["model.shared.weight"] = state.pop("model.decoder.embed_tokens.weight")
-    state.pop("model.encoder.embed_tokens.weight", None)  # tied to shared in NLLB-MoE
+    if config.tie_word_embeddings:  # one table: the encoder's, decoder's and the output projection are it
+        state.pop("model.encoder.embed_tokens.weight", None)
+        state.pop("lm_head.weight", None)
+    else:  # Hugging Face then gives the encoder and the decoder tables of their own
+        state.setdefault("model.encoder.embed_tokens.weight", state["model.shared.weight"])
+        state["model.decoder.embed_tokens.weight"] = state["model.shared.weight"]
     per_rank = None
     for rank, file in enumerate(rank_files):
         log.info("reading %s", file)

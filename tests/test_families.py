@@ -2,7 +2,7 @@
 
 For each: a tiny seeded config with MoE and dense layers mixed where the family allows; prefill and
 decode-with-past logits within 1e-4; greedy tokens identical to `generate`; exactly one fused node
-per MoE layer; the int4 export runs and mostly agrees with fp32 (the figure is printed).
+per MoE layer; the int4 export agrees with fp32 as measured (INT4_AGREEMENT).
 """
 
 from __future__ import annotations
@@ -129,11 +129,28 @@ def test_one_fused_node_per_moe_layer(family):
         assert experts and all(n.op_type == op for n in graph.node if experts & set(n.input))
 
 
-def test_int4_runs_and_mostly_agrees_with_fp32(family):
+# int4 (block 16) against fp32 on each family's tiny model, measured: tokens agreeing out of the 28
+# next-token predictions at the prompts' positions, and out of 48 free-running greedy tokens (3 x 16).
+INT4_AGREEMENT = {
+    "Qwen3MoeForCausalLM": (28, 48),
+    "OlmoeForCausalLM": (28, 48),
+    "Qwen2MoeForCausalLM": (28, 48),
+    "GraniteMoeForCausalLM": (28, 48),
+    "GraniteMoeSharedForCausalLM": (28, 35),
+    "GptOssForCausalLM": (24, 26),
+    "PhimoeForCausalLM": (28, 48),
+    "DeepseekV3ForCausalLM": (27, 40),
+}
+# Margins: two flipped next-token predictions; one free-running row derailed from its first token.
+POSITION_MARGIN, FREE_RUNNING_MARGIN = 2, 16
+
+
+def test_int4_agrees_with_fp32_as_measured(family):
     """Next-token (greedy) agreement at every position of the same prompts, and free-running greedy runs.
 
     Tiny random models have nearly flat logits, so one flipped token derails a free-running sequence;
-    the per-position agreement under the same prefix is the stable figure, and the one asserted.
+    the per-position agreement under the same prefix is the stable figure, held within two tokens of
+    the measurement; the free-running one within one derailed row.
     """
     name, hf, fp32, int4 = family
     prompts = sample_prompts(hf.config.vocab_size, seed=3, lengths=(12, 9, 7))
@@ -141,11 +158,13 @@ def test_int4_runs_and_mostly_agrees_with_fp32(family):
     ids, mask, pos = padded(prompts, pad_id=0, right=a.manifest.fused_attention)
     la, lb = a.forward(ids, mask, pos)[0], b.forward(ids, mask, pos)[0]
     valid = mask.astype(bool)
-    per_position = float(np.mean(la.argmax(-1)[valid] == lb.argmax(-1)[valid]))
+    per_position = int(np.sum(la.argmax(-1)[valid] == lb.argmax(-1)[valid]))
     a.manifest.eos_token_id = b.manifest.eos_token_id = []
-    free = np.mean(np.array(a.generate_ids(prompts, 16)) == np.array(b.generate_ids(prompts, 16)))
-    print(f"\n{name}: int4 next-token agreement with fp32 {per_position:.0%}, free-running greedy {free:.0%}")
-    assert per_position >= 0.75
+    free = int(np.sum(np.array(a.generate_ids(prompts, 16)) == np.array(b.generate_ids(prompts, 16))))
+    measured_position, measured_free = INT4_AGREEMENT[name]
+    figures = f"{name}: int4 agrees with fp32 on {per_position}/28 next tokens, {free}/48 free-running tokens"
+    assert valid.sum() == 28 and per_position >= measured_position - POSITION_MARGIN, figures
+    assert free >= measured_free - FREE_RUNNING_MARGIN, figures
 
 
 @pytest.mark.parametrize("architecture", list(NOT_EXPORTABLE))

@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 
 import onnx
+import onnx_ir as ir
+import onnxruntime as ort
 import pytest
 
 from conftest import SHAPES
-from moerun.converter.passes import MAX_IR_VERSION
+from moerun.converter.passes import MAX_IR_VERSION, PinIrVersion
 from moerun.custom_ops import register_schemas
 from moerun.runtime.manifest import decoder_io_names
 
@@ -67,13 +69,32 @@ def test_checker_and_shape_inference_accept_the_unfused_model(checkpoints, tmp_p
     register_schemas()
     path = convert(checkpoints["k1_e4_h72"], tmp_path / "plain", fusions=False).output / "model.onnx"
     onnx.checker.check_model(str(path), full_check=True)
-    model = onnx.load(path)
-    assert model.ir_version <= MAX_IR_VERSION
+    assert onnx.load(path).ir_version == MAX_IR_VERSION
     assert "OrtFusions" not in json.loads((path.parent / "moerun.json").read_text())["passes"]
 
 
-def test_fused_model_ir_version(converted):
-    assert onnx.load(converted["k1_e4_h72"] / "model.onnx").ir_version <= MAX_IR_VERSION
+@pytest.mark.parametrize("shape", ["k1_e4_h72", "k2_e8_h96"])  # traced attention, fused attention
+def test_fused_model_is_saved_at_the_pinned_ir_version_and_loads_in_onnxruntime(shape, converted):
+    path = converted[shape] / "model.onnx"
+    assert onnx.load(path, load_external_data=False).ir_version == MAX_IR_VERSION
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    manifest = json.loads((converted[shape] / "moerun.json").read_text())
+    assert [i.name for i in session.get_inputs()] == manifest["inputs"]
+
+
+def test_pin_ir_version_lowers_a_newer_ir_version_to_the_pinned_one():
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("Relu", ["x"], ["y"])], "g",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [2])])
+    proto = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 20)],
+                                   ir_version=MAX_IR_VERSION + 1)
+    result = PinIrVersion()(ir.serde.deserialize_model(proto))
+    assert result.modified and result.model.ir_version == MAX_IR_VERSION
+    saved = ir.serde.serialize_model(result.model)
+    assert saved.ir_version == MAX_IR_VERSION
+    ort.InferenceSession(saved.SerializeToString(), providers=["CPUExecutionProvider"])
+    assert not PinIrVersion()(result.model).modified  # already at the pinned version: left alone
 
 
 def test_output_directory_holds_manifest_and_side_files(converted, checkpoints):

@@ -69,4 +69,6 @@ def test_fp16_export_stays_close_to_fp32_pytorch(shape, checkpoints, tmp_path):
     ours, presents = onnx.forward(ids, mask, pos)
     assert ours.dtype == np.float16 and presents[0].dtype == np.float16
     assert np.abs(ours.astype(np.float32) - expected)[mask.astype(bool)].max() < 1e-2
-    assert len(onnx.generate_ids(prompts, max_new_tokens=5)[0]) >= 1
+    # and fp16 decoding picks fp32 PyTorch's greedy tokens (measured: identical on both shapes, also over 20)
+    onnx.manifest.eos_token_id = []
+    assert onnx.generate_ids(prompts, max_new_tokens=5) == hf_greedy(hf, prompts, 5)
