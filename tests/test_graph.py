@@ -103,7 +103,7 @@ def test_output_directory_holds_manifest_and_side_files(converted, checkpoints):
     assert manifest["architecture"] == "MixtralForCausalLM"
     assert manifest["moe_layers"] == 2 and manifest["num_experts"] == 4 and manifest["experts_per_token"] == 2
     assert manifest["num_kv_heads"] == 1 and manifest["head_dim"] == 20
-    assert manifest["passes"] == ["OrtFusions", "PinIrVersion", "CheckFusedMoE"]
+    assert manifest["passes"] == ["FoldWeightTransposes", "OrtFusions", "PinIrVersion", "CheckFusedMoE"]
     # head size 20 is not a multiple of 8: attention stays traced (left padding, position_ids); every
     # norm fused by the ORT fusions (2 layers: 2x2 + 1)
     assert manifest["attention"] == "traced" and "position_ids" in manifest["inputs"]
