@@ -162,7 +162,6 @@ class Exported:
     fused_attention: bool
     fusions: dict[str, int]
     passes: list[str]
-    trace_dtype: str
 
 
 def export_graphs(checkpoint: Checkpoint, adapter, dtype: str, fusions: bool) -> Exported:
@@ -178,7 +177,7 @@ def export_graphs(checkpoint: Checkpoint, adapter, dtype: str, fusions: bool) ->
         log.info("attention stays traced: %s", reason)
         fused_attention = False
     modules = export_modules(skeleton, adapter, fused_attention)
-    moe = sum(isinstance(m, nn.Module) and type(m).__name__ == "FusedMoE" for m in skeleton.modules())
+    moe = sum(type(m).__name__ == "FusedMoE" for m in skeleton.modules())
     kv = adapter.kv_shape(config)
     if seq2seq:
         encoder_moe = sum(type(m).__name__ == "FusedMoE" for m in modules["encoder.onnx"].encoder.modules())
@@ -198,7 +197,7 @@ def export_graphs(checkpoint: Checkpoint, adapter, dtype: str, fusions: bool) ->
         names = [type(p).__name__ for p in passes]
         for fusion, n in (passes[1].counts if fusions else {}).items():
             fusion_counts[fusion] = fusion_counts.get(fusion, 0) + n
-    return Exported(graphs, moe_layers, fused_attention, fusion_counts, names, trace_dtype)
+    return Exported(graphs, moe_layers, fused_attention, fusion_counts, names)
 
 
 # --- 3. bind weights -----------------------------------------------------------------------------
