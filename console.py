@@ -13,6 +13,8 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from .runtime.memory import human_bytes as human_size
+
 __all__ = ["err", "human_size", "out", "quiet_converter_libraries", "run_convert", "stages", "summary_table"]
 
 
@@ -26,14 +28,6 @@ def _console(stderr: bool = False) -> Console:
 
 err = _console(stderr=True)
 out = _console()
-
-
-def human_size(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1024 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
 
 
 def summary_table(rows: list[tuple[str, str]], title: str) -> Table:

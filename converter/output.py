@@ -17,6 +17,7 @@ import numpy as np
 import onnx_ir as ir
 
 from ..runtime.errors import MoerunError, OutputExistsError
+from ..runtime.memory import human_bytes
 from .weights import order_by_group
 
 __all__ = ["COPIED_FILES", "SavedGraph", "check_disk_space", "check_output", "copy_side_files", "human_bytes",
@@ -39,14 +40,6 @@ COPIED_FILES = (
     "chat_template.jinja",
 )
 _OWNER = ".moerun-owner"  # in a staging dir: the pid of the process writing it
-
-
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1024 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} GB"
 
 
 def _exists(path: Path) -> bool:
