@@ -31,6 +31,7 @@ from ..runtime.errors import MoerunError
 from ..runtime.manifest import decoder_io_names, seq2seq_io_names
 from . import verify as verify_mod
 from .architectures import adapter_for
+from .architectures.base import FusedMoE
 from .attention import DecoderWithFusedAttention, unfusable_reason
 from .export import DecoderWithCache, export_decoder
 from .export_seq2seq import DecoderStep, EncoderWithCrossKV, export_seq2seq
@@ -177,10 +178,10 @@ def export_graphs(checkpoint: Checkpoint, adapter, dtype: str, fusions: bool) ->
         log.info("attention stays traced: %s", reason)
         fused_attention = False
     modules = export_modules(skeleton, adapter, fused_attention)
-    moe = sum(type(m).__name__ == "FusedMoE" for m in skeleton.modules())
+    moe = sum(isinstance(m, FusedMoE) for m in skeleton.modules())
     kv = adapter.kv_shape(config)
     if seq2seq:
-        encoder_moe = sum(type(m).__name__ == "FusedMoE" for m in modules["encoder.onnx"].encoder.modules())
+        encoder_moe = sum(isinstance(m, FusedMoE) for m in modules["encoder.onnx"].encoder.modules())
         graphs = dict(zip(modules, export_seq2seq(modules["encoder.onnx"], modules["decoder.onnx"], kv)))
         moe_layers = {"encoder.onnx": encoder_moe, "decoder.onnx": moe - encoder_moe}
     else:

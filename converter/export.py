@@ -145,8 +145,13 @@ def trace(module: nn.Module, args: tuple, input_names: list[str], output_names: 
     meta = any(p.is_meta for p in module.parameters())
     buffers: dict[str, torch.Tensor] = {}
     if meta:
+        # Persistent buffers are checkpoint tensors (DeepSeek-V3's and GLM-4-MoE's router correction
+        # biases): left without a value here, bound to the checkpoint like the weights. Baking the
+        # skeleton's initial value would silently drop the trained one.
+        persistent = set(module.state_dict(keep_vars=True))
         buffers = {name: b.detach().contiguous().clone()
-                   for name, b in module.named_buffers(remove_duplicate=False) if not b.is_meta}
+                   for name, b in module.named_buffers(remove_duplicate=False)
+                   if not b.is_meta and name not in persistent}
         module = module.to("meta")
         args = tuple(a.to("meta") for a in args)
     try:

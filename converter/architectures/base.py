@@ -16,7 +16,8 @@ from ...custom_ops import (
 from ...runtime.errors import UnsupportedModelError
 from ..export import KVShape, kv_shape
 
-__all__ = ["FusedMoE", "MoEAdapter", "SigmoidGatedShared", "TopKSoftmaxAdapter", "interleave_gate_up"]
+__all__ = ["FusedMoE", "MoEAdapter", "SigmoidGatedShared", "TopKSoftmaxAdapter", "explicit_routing",
+           "interleave_gate_up"]
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +27,21 @@ def interleave_gate_up(gate_up: torch.Tensor) -> torch.Tensor:
     experts, two_i, hidden = gate_up.shape
     gate, up = gate_up.split(two_i // 2, dim=1)
     return torch.stack([gate, up], dim=2).reshape(experts, two_i, hidden)
+
+
+def explicit_routing(x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor,
+                     num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A routing computed outside the op, as the op's (router logits, output scale).
+
+    log(weights) on the chosen experts, a huge negative elsewhere: with renormalisation on, the op
+    mixes with weights / sum(weights), and the output times sum(weights) is the family's mix exactly
+    (docs/design.md). The log is taken in float32, floored at its smallest normal number so that a
+    zero weight stays finite.
+    """
+    floor = torch.finfo(x.dtype).min / 2
+    log_weights = weights.float().clamp_min(torch.finfo(torch.float32).tiny).log()
+    logits = x.new_full((x.shape[0], num_experts), floor).scatter(-1, indices, log_weights.to(x.dtype))
+    return logits, weights.sum(dim=-1, keepdim=True)
 
 
 class FusedMoE(nn.Module):
@@ -53,7 +69,7 @@ class FusedMoE(nn.Module):
         # as log(weights) on the chosen experts and a huge negative elsewhere with renormalisation on,
         # then scaled by sum(weights): the op then mixes with weights / sum(weights) (docs/design.md).
         self.route = route
-        if route is None:
+        if route is None and router_weight is not None:  # None and None: the caller routes (FusedExperts)
             self.router = nn.Linear(router_weight.shape[1], router_weight.shape[0], bias=router_bias is not None)
             self.router.weight = nn.Parameter(router_weight.detach(), requires_grad=False)
             if router_bias is not None:
@@ -74,9 +90,7 @@ class FusedMoE(nn.Module):
         """The op's router input and the factor its output is scaled by (None: no scaling)."""
         if self.route is not None:
             logits, weights, indices = self.route(x)
-            floor = torch.finfo(x.dtype).min / 2
-            chosen = torch.full_like(logits, floor, dtype=x.dtype).scatter(-1, indices, weights.log().to(x.dtype))
-            return chosen, weights.sum(dim=-1, keepdim=True)
+            return explicit_routing(x, indices, weights, logits.shape[-1])
         logits = self.router(x)
         if self.scale_by_topk_mass:
             return logits, torch.softmax(logits.float(), dim=-1).topk(self.attrs.k, dim=-1).values.sum(-1, True)

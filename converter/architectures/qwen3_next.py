@@ -1,4 +1,5 @@
-"""Qwen3-Next: refused with the reason (a hybrid whose linear-attention layers carry recurrent state)."""
+"""Qwen3-Next and Qwen3.5-MoE: refused with the reason (hybrids whose linear-attention layers carry
+recurrent state)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,14 @@ class Qwen3Next(Qwen2Moe):
         # fit is the cache: Gated DeltaNet layers keep convolution and recurrent states, not keys/values,
         # and the decoder I/O (past_key_values.* / present.*) has no place for them yet.
         raise UnsupportedModelError(
-            "Qwen3NextForCausalLM: its Gated DeltaNet layers carry convolution and recurrent state, which "
+            f"{self.architectures[0]}: its Gated DeltaNet layers carry convolution and recurrent state, which "
             "moerun's KV-cache decoder I/O cannot represent yet"
         )
+
+
+@register("Qwen3_5MoeForCausalLM")
+class Qwen3_5Moe(Qwen3Next):
+    """Qwen3.5-MoE's text model: Qwen3-Next's layout (Gated DeltaNet every few layers, gated attention)."""
+
+    family = "Qwen3.5-MoE"
+    block_class_name = "Qwen3_5MoeSparseMoeBlock"
