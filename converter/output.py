@@ -34,6 +34,7 @@ COPIED_FILES = (
     "special_tokens_map.json",
     "tokenizer.model",
     "sentencepiece.bpe.model",
+    "spiece.model",  # T5 / Switch Transformers' SentencePiece model (`moerun deploy tokenizer` needs it)
     "vocab.json",
     "merges.txt",
     "added_tokens.json",

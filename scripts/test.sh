@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Install everything (a virtual environment, the CPU build of torch, moerun itself non-editable,
+# Install everything (a virtual environment, the CPU build of torch, moerun itself non-editable with its extras,
 # onnxruntime-node for the second-host test) and run the linter and the test suite.
 # usage: bash scripts/test.sh [pytest args]      (VENV=path to use another environment)
 #   no args: the whole suite (what CI runs on a fresh clone)
@@ -14,13 +14,13 @@ VENV=${VENV:-.venv}
 . "$VENV/bin/activate"
 
 stamp="$VENV/.moerun-test-stamp"
-key=$( (find ./*.py converter custom_ops runtime tests/fixtures/tiny-moe -type f ! -name '*.pyc';
+key=$( (find ./*.py converter custom_ops deploy runtime serve tests/fixtures -type f ! -name '*.pyc';
         ls pyproject.toml scripts/test.sh tests/node/package*.json) | LC_ALL=C sort | xargs sha256sum | sha256sum)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$key" ]; then
   rm -f "$stamp"
   python -m pip install -q --upgrade pip
   python -m pip install -q torch==2.13.0            # the CPU build; a bare range would pull a CUDA build
-  python -m pip install -q ".[test]"                 # non-editable, as users install it
+  python -m pip install -q ".[test,serve,ray,deploy]"  # non-editable, as users install it; every extra is tested
   (cd tests/node && npm install --ignore-scripts --no-audit --no-fund --loglevel=error)
   echo "$key" > "$stamp"
 fi
