@@ -107,8 +107,8 @@ class Tokenizer:
         raise UnsupportedModelError(f"unknown language code {code!r}; {hint}this model knows {len(self.languages)} "
                                     f"language_Script codes (e.g. {', '.join(examples)})")
 
-    def encode(self, text: str) -> list[int]:
-        return self._tok.encode(text, add_special_tokens=True).ids
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
 
     def decode(self, ids: list[int]) -> str:
         """Text without special tokens (pads, </s>, language codes), clean-up included: what transformers'

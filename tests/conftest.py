@@ -73,6 +73,14 @@ def tiny_moe_fixture() -> Path:
     return FIXTURE
 
 
+@pytest.fixture(scope="session")
+def tiny_moe_converted(tiny_moe_fixture, tmp_path_factory) -> Path:
+    """The trained fixture converted with the defaults (fp32, fused attention, its tokenizer); read-only."""
+    from moerun.converter.convert import convert
+
+    return convert(tiny_moe_fixture, tmp_path_factory.mktemp("tiny-moe-onnx") / "tiny-moe").output
+
+
 def hf_logits_prefill_and_steps(hf, ids, mask, pos, split: int, steps: int = 2):
     """Oracle logits from PyTorch: the full prefill, and `steps` one-token decode steps after `split`."""
     t = {k: torch.from_numpy(v) for k, v in dict(input_ids=ids, attention_mask=mask, position_ids=pos).items()}
@@ -200,8 +208,10 @@ def random_sources(vocab: int, eos: int, lengths=(7, 3, 11, 5), seed: int = 0) -
     return [rng.integers(3, vocab, n).tolist() + [eos] for n in lengths]
 
 
-def train_sentencepiece(directory: Path, filename: str, vocab_size: int = 300) -> Path:
-    """A tiny BPE SentencePiece model trained offline on the fixture's held-out text."""
+def train_sentencepiece(directory: Path, filename: str, vocab_size: int = 300, model_type: str = "bpe",
+                        **options) -> Path:
+    """A tiny SentencePiece model (BPE, or "unigram" as T5's) trained offline on the fixture's held-out text;
+    ``options`` go to the trainer (e.g. T5's special ids)."""
     import sentencepiece as spm
 
     directory.mkdir(parents=True, exist_ok=True)
@@ -209,7 +219,7 @@ def train_sentencepiece(directory: Path, filename: str, vocab_size: int = 300) -
     lines = [line.strip() for line in (FIXTURE / "heldout.txt").read_text().splitlines() if line.strip()]
     corpus.write_text("\n".join(lines[:4000]))
     spm.SentencePieceTrainer.train(input=str(corpus), model_prefix=str(directory / "sp"), vocab_size=vocab_size,
-                                   model_type="bpe", character_coverage=1.0, minloglevel=2)
+                                   model_type=model_type, character_coverage=1.0, minloglevel=2, **options)
     (directory / "sp.model").rename(directory / filename)
     corpus.unlink()
     (directory / "sp.vocab").unlink()

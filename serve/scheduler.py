@@ -1,0 +1,220 @@
+"""Continuous batching: one thread owns the ONNX Runtime session; requests join the running decode batch at step
+boundaries and leave when finished. No web code: results go back through each request's ``emit`` callback."""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..runtime.errors import MoerunError
+from ..runtime.generation import SamplingConfig, pick_next
+from .engine import make_engine
+from .metrics import ServeMetrics
+
+__all__ = ["QueueFullError", "Request", "Scheduler"]
+
+log = logging.getLogger(__name__)
+
+PREFILL_TOKENS = 2048  # padded tokens in one prefill run of requests joining together
+
+
+class QueueFullError(MoerunError):
+    """The scheduler's queue is full: the server answers 503 with Retry-After at once."""
+
+
+@dataclass(eq=False)
+class Request:
+    """One generation. ``emit(kind, value)`` is called on the scheduler thread: ("token", id) per new token,
+    then once ("finish", reason) with reason "stop" (an EOS token), "length" (max_tokens), "cancelled",
+    "timeout", or ("error", message)."""
+
+    prompt: list[int]
+    max_tokens: int
+    sampling: SamplingConfig
+    emit: Callable[[str, object], None]
+    timeout: float | None = None
+    arrived: float = field(default_factory=time.monotonic)
+    cancelled: bool = False
+
+    def cancel(self) -> None:
+        """Leave at the next step boundary (a stop string, a disconnected client); its slot is freed then."""
+        self.cancelled = True
+
+    @property
+    def expired(self) -> bool:
+        return self.timeout is not None and time.monotonic() - self.arrived > self.timeout
+
+
+@dataclass(eq=False)
+class _Running:
+    request: Request
+    rng: np.random.Generator
+    last: int = -1
+    count: int = 0
+
+
+class Scheduler:
+    """Owns a DecoderModel's session on one thread. ``submit`` never blocks: past ``max_queue`` waiting requests
+    it raises QueueFullError. Each step admits waiting requests into free slots (lowest first, so the batch stays
+    compact), prefills them one by one, then runs one decode step over every busy slot."""
+
+    def __init__(self, model, max_batch: int = 8, max_queue: int = 64, max_len: int | None = None,
+                 metrics: ServeMetrics | None = None) -> None:
+        manifest = model.manifest
+        self.model = model
+        if max_len and manifest.max_positions and max_len > manifest.max_positions:
+            raise MoerunError(f"--max-len {max_len} is more than this model's {manifest.max_positions} positions")
+        self.max_len = max_len or manifest.max_positions or 4096
+        self.engine = make_engine(model.runner, max_batch, self.max_len, model.pad_token_id)
+        self.max_batch = self.engine.max_batch
+        self.eos = set(manifest.eos_token_id)
+        self.metrics = metrics or ServeMetrics()
+        self._queue: queue.Queue[Request] = queue.Queue(maxsize=max_queue)
+        self._running: dict[int, _Running] = {}
+        self._closed = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="moerun-scheduler", daemon=True)
+        self._thread.start()
+
+    @property
+    def batching(self) -> str:
+        return self.engine.batching
+
+    @property
+    def waiting(self) -> int:
+        return self._queue.qsize()
+
+    @property
+    def busy(self) -> int:
+        return len(self._running)
+
+    def submit(self, request: Request) -> None:
+        if self._closed.is_set():
+            raise MoerunError("the server is shutting down")
+        try:
+            self._queue.put_nowait(request)
+        except queue.Full:
+            raise QueueFullError(f"{self._queue.maxsize} requests are already waiting; retry shortly") from None
+        self.metrics.queue_depth.set(self._queue.qsize())
+
+    def close(self, timeout: float = 5.0) -> None:
+        self._closed.set()
+        self._thread.join(timeout)
+
+    # --- the scheduler thread ---------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while not self._closed.is_set():
+            self._admit()
+            if self._running:
+                self._step()
+        for slot in list(self._running):
+            self._finish(slot, "cancelled")
+        while not self._queue.empty():
+            _tell(self._queue.get_nowait(), "finish", "cancelled")
+
+    def _admit(self) -> None:
+        """Prefill waiting requests into free slots; waits (briefly, to notice close) only when nothing runs."""
+        joining: list[int] = []
+        while len(self._running) < self.max_batch:
+            try:
+                wait = not self._running and not joining
+                request = self._queue.get(timeout=0.1) if wait else self._queue.get_nowait()
+            except queue.Empty:
+                break
+            self.metrics.queue_depth.set(self._queue.qsize())
+            if request.cancelled or request.expired:
+                _tell(request, "finish", "timeout" if request.expired else "cancelled")
+                continue
+            slot = min(set(range(self.max_batch)) - set(self._running))
+            self._running[slot] = _Running(request, np.random.default_rng(request.sampling.seed))
+            joining.append(slot)
+        self.metrics.running.set(len(self._running))
+        for group in self._prefill_groups(sorted(joining)):
+            requests = [self._running[slot].request for slot in group]
+            self.metrics.prefill_size.observe(len(group))
+            try:
+                logits = self.engine.prefill(group[0], [r.prompt for r in requests], [r.max_tokens for r in requests])
+            except Exception as e:  # ONNX Runtime failed on these requests: they fail, the others go on
+                log.exception("prefill failed")
+                for slot in group:
+                    self._finish(slot, "error", _reason(e))
+                continue
+            for slot, row in zip(group, logits):
+                self._take(slot, row)
+
+    def _prefill_groups(self, slots: list[int]) -> list[list[int]]:
+        """Runs of consecutive slots, each one prefill: at most PREFILL_TOKENS padded tokens (its logits are
+        (rows, longest, vocab)); one request per run when the engine takes one at a time."""
+        groups: list[list[int]] = []
+        for slot in slots:
+            group = groups[-1] if groups else None
+            if group and self.engine.max_batch > 1 and slot == group[-1] + 1:
+                longest = max(len(self._running[s].request.prompt) for s in [*group, slot])
+                if longest * (len(group) + 1) <= PREFILL_TOKENS:
+                    group.append(slot)
+                    continue
+            groups.append([slot])
+        return groups
+
+    def _step(self) -> None:
+        for slot, entry in list(self._running.items()):
+            if entry.request.cancelled or entry.request.expired:
+                self._finish(slot, "timeout" if entry.request.expired else "cancelled")
+        if not self._running:
+            return
+        self.metrics.batch_size.observe(len(self._running))
+        try:
+            logits = self.engine.decode({slot: entry.last for slot, entry in self._running.items()})
+        except Exception as e:
+            log.exception("decode step failed")
+            for slot in list(self._running):
+                self._finish(slot, "error", _reason(e))
+            return
+        for slot in list(self._running):
+            self._take(slot, logits[slot])
+
+    def _take(self, slot: int, logits: np.ndarray) -> None:
+        """Pick the slot's next token from its logits (vocab,), as DecoderRunner.generate does for one prompt."""
+        entry = self._running[slot]
+        request = entry.request
+        token = int(pick_next(logits[None].astype(np.float32), request.sampling, entry.rng)[0])
+        entry.last, entry.count = token, entry.count + 1
+        if entry.count == 1:
+            self.metrics.ttft.observe(time.monotonic() - request.arrived)
+        self.metrics.tokens.inc()
+        _tell(request, "token", token)
+        if token in self.eos:
+            self._finish(slot, "stop")
+        elif entry.count >= request.max_tokens:
+            self._finish(slot, "length")
+
+    def _finish(self, slot: int, reason: str, message: str | None = None) -> None:
+        entry = self._running.pop(slot)
+        self.engine.release(slot)
+        self.metrics.running.set(len(self._running))
+        self.metrics.latency.observe(time.monotonic() - entry.request.arrived)
+        if reason == "error":
+            _tell(entry.request, "error", message)
+        else:
+            _tell(entry.request, "finish", reason)
+
+
+def _tell(request: Request, kind: str, value) -> None:
+    """request.emit, never raising on the scheduler thread: a receiver that is gone (its event loop closed)
+    cancels its request instead."""
+    try:
+        request.emit(kind, value)
+    except Exception:
+        log.warning("request receiver gone; cancelling it", exc_info=True)
+        request.cancel()
+
+
+def _reason(e: Exception) -> str:
+    first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    return f"ONNX Runtime failed: {first}"

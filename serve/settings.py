@@ -1,0 +1,17 @@
+"""The server's settings, importable without the web libraries (the CLI checks for those first)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = ["ServeSettings"]
+
+
+@dataclass
+class ServeSettings:
+    max_batch: int = 8  # requests decoded together (slots); traced-attention models serve 1
+    max_queue: int = 64  # requests waiting for a slot; past it 503 at once
+    api_key: str | None = None  # when set, /v1/* needs "Authorization: Bearer <key>"
+    timeout: float | None = 600.0  # seconds from arrival to the last token; past it the request ends (504)
+    max_len: int | None = None  # tokens per slot (prompt + max_tokens); None: the model's max_positions
+    model_name: str | None = None  # the id clients send as "model"; None: the model directory's name
