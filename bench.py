@@ -1,5 +1,5 @@
-"""`moerun bench`: Hugging Face eager, the generic ONNX export, and moerun's fp32/int8/int4 exports of
-one checkpoint, side by side.
+"""`moerun bench`: Hugging Face eager, the generic ONNX export, onnxruntime-genai, llama.cpp, and moerun's
+fp32/int8/int4 exports of one checkpoint, side by side.
 
 Each measurement runs in its own process (so peak RSS is that variant's own), variants are
 interleaved and repeated, and medians are reported with min..max: these machines are noisy.
@@ -20,7 +20,7 @@ import numpy as np
 
 __all__ = ["BASELINES", "EXPORTS", "VARIANTS", "Record", "run_bench", "word_level_tokenizer"]
 
-BASELINES = ("hf", "generic", "genai")
+BASELINES = ("hf", "generic", "genai", "llamacpp")  # llamacpp: one GGUF per export (llamacpp.PAIRS)
 EXPORTS = ("fp32", "int8", "int4")
 VARIANTS = BASELINES + EXPORTS
 FIELDS = ("prefill_tok_s", "decode_tok_s", "ttft_ms", "peak_rss_mb")
@@ -184,11 +184,15 @@ def export_generic(checkpoint: Path, fp32_dir: Path, output: Path) -> Path:
 
 
 def _measure(kind: str, path: Path, batch: int, length: int, new_tokens: int, threads: int | None,
-             genai_python: Path | None = None) -> dict:
+             genai_python: Path | None = None, llamacpp_python: Path | None = None) -> dict:
     if kind == "genai":
         from .genai import measure_genai
 
         return measure_genai(path, batch, length, new_tokens, threads, genai_python)
+    if kind.startswith("llamacpp-"):
+        from .llamacpp import measure_llamacpp
+
+        return measure_llamacpp(path, batch, length, new_tokens, threads, llamacpp_python)
     from .converter.report import run_worker
 
     stdout = run_worker([sys.executable, "-m", "moerun.bench", kind, path, batch, length, new_tokens, threads or 0],
@@ -196,12 +200,27 @@ def _measure(kind: str, path: Path, batch: int, length: int, new_tokens: int, th
     return json.loads(stdout.strip().splitlines()[-1])
 
 
+def _with_llamacpp_pairs(variants: list[str]) -> list[str]:
+    """"llamacpp" becomes one GGUF variant per chosen moerun export ("llamacpp-q4_0" for int4, ...), each
+    right after its pair (F32 alone when no export is chosen)."""
+    from .llamacpp import PAIRS
+
+    if "llamacpp" not in variants:
+        return variants
+    out = [v for v in variants if v != "llamacpp"]
+    for export in [v for v in EXPORTS if v in out]:
+        out.insert(out.index(export) + 1, f"llamacpp-{PAIRS[export]}")
+    return out if any(v.startswith("llamacpp-") for v in out) else [*out, "llamacpp-f32"]
+
+
 def run_bench(checkpoint: Path, batches: list[int], prompt_lens: list[int], new_tokens: int, variants: list[str],
               repeats: int, threads: int | None, workdir: Path | None, on_stage=None) -> list[Record]:
     from .converter.convert import convert
     from .converter.quantize import QuantizeOptions, quantize_model
+    from .runtime import Manifest
 
     stage = on_stage or (lambda _: None)
+    variants = _with_llamacpp_pairs(variants)
     with tempfile.TemporaryDirectory(prefix="moerun-bench-") as tmp:
         root = Path(workdir or tmp)
         dirs: dict[str, Path] = {"hf": checkpoint}
@@ -218,6 +237,19 @@ def run_bench(checkpoint: Path, batches: list[int], prompt_lens: list[int], new_
             genai_py = genai_python(stage)
             stage("onnxruntime-genai builder export (fp32)")
             dirs["genai"] = export_genai(checkpoint, root / "genai", genai_py)
+        llamacpp_py, gguf_bytes = None, {}
+        if any(v.startswith("llamacpp-") for v in variants):
+            from .llamacpp import decode_bytes_per_token as gguf_bytes_per_token
+            from .llamacpp import export_gguf, llamacpp_python
+
+            llamacpp_py = llamacpp_python(stage)
+            kinds = [v.removeprefix("llamacpp-") for v in variants if v.startswith("llamacpp-")]
+            stage(f"llama.cpp's GGUF converter and quantizer ({', '.join(kinds)})")
+            files = export_gguf(checkpoint, root / "gguf", kinds, threads, llamacpp_py)
+            k = Manifest.load(dirs["fp32"]).experts_per_token
+            for kind in kinds:
+                dirs[f"llamacpp-{kind}"] = files[kind]
+                gguf_bytes[f"llamacpp-{kind}"] = gguf_bytes_per_token(files[kind], k, llamacpp_py)
         for bits in (8, 4):
             if f"int{bits}" in variants:
                 stage(f"quantize int{bits}")
@@ -232,13 +264,15 @@ def run_bench(checkpoint: Path, batches: list[int], prompt_lens: list[int], new_
                     for v in variants:  # interleaved: every variant once per round
                         stage(f"round {r + 1}/{repeats}: {v}, batch {batch}, prompt {length}")
                         samples.setdefault((v, batch, length), []).append(
-                            _measure(v, dirs[v], batch, length, new_tokens, threads, genai_py))
+                            _measure(v, dirs[v], batch, length, new_tokens, threads, genai_py, llamacpp_py))
         records = []
         for (v, batch, length), runs in samples.items():
             onnx_dir = dirs["fp32"] if v in BASELINES else dirs[v]  # baselines: fp32's weights
             file_mb = (sum(f.stat().st_size for f in dirs[v].glob("*.safetensors")) if v == "hf"
+                       else dirs[v].stat().st_size if v in gguf_bytes
                        else sum(f.stat().st_size for f in dirs[v].glob("model.onnx*"))) / 2**20
-            per_token = decode_bytes_per_token(onnx_dir)  # HF eager reads the same weights as fp32
+            # HF eager reads the same weights as fp32; a GGUF, its own tensors
+            per_token = gguf_bytes[v] if v in gguf_bytes else decode_bytes_per_token(onnx_dir)
             bound = bandwidth * 1e9 / per_token
             med = {f: statistics.median(x[f] for x in runs) for f in FIELDS}
             spread = {f: [min(x[f] for x in runs), max(x[f] for x in runs)] for f in FIELDS}
@@ -248,6 +282,24 @@ def run_bench(checkpoint: Path, batches: list[int], prompt_lens: list[int], new_
                                   100 * med["decode_tok_s"] / bound if batch == 1 else None,
                                   len(runs), spread, _agreement(runs[0]["tokens"], hf[0]["tokens"]) if hf else None))
         return records
+
+
+def pairs_markdown(records: list[Record]) -> str:
+    """moerun's exports against llama.cpp's GGUF of the same precision (int4 / Q4_0, ...): ratios above 1
+    mean moerun is faster. Empty without llama.cpp records."""
+    from .llamacpp import PAIRS
+
+    by = {(r.variant, r.batch, r.prompt_len): r for r in records}
+    lines = ["| moerun | llama.cpp | batch | prompt | decode tok/s | llama.cpp decode | moerun / llama.cpp | "
+             "prefill tok/s | llama.cpp prefill | moerun / llama.cpp |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in records:
+        if r.variant not in PAIRS or (f"llamacpp-{PAIRS[r.variant]}", r.batch, r.prompt_len) not in by:
+            continue
+        g = by[f"llamacpp-{PAIRS[r.variant]}", r.batch, r.prompt_len]
+        lines.append(f"| {r.variant} | {PAIRS[r.variant].upper()} | {r.batch} | {r.prompt_len} | {r.decode_tok_s:.1f} "
+                     f"| {g.decode_tok_s:.1f} | {r.decode_tok_s / g.decode_tok_s:.2f}x | {r.prefill_tok_s:.0f} "
+                     f"| {g.prefill_tok_s:.0f} | {r.prefill_tok_s / g.prefill_tok_s:.2f}x |")
+    return "\n".join(lines) + "\n" if len(lines) > 2 else ""
 
 
 def _agreement(tokens: list[list[int]], reference: list[list[int]]) -> float:
@@ -275,7 +327,8 @@ def markdown(records: list[Record]) -> str:
         lines.append(f"| {r.variant} | {r.batch} | {r.prompt_len} | {r.decode_tok_s:.1f} ({lo:.1f}..{hi:.1f}) | {dec} "
                      f"| {r.prefill_tok_s:.0f} | {pre} | {r.ttft_ms:.1f} | {r.peak_rss_mb:.0f} | {r.file_mb:.1f} "
                      f"| {pct} | {same} |")
-    return "\n".join(lines) + "\n"
+    pairs = pairs_markdown(records)
+    return "\n".join(lines) + "\n" + (f"\nmoerun against llama.cpp, same precision:\n\n{pairs}" if pairs else "")
 
 
 if __name__ == "__main__":

@@ -282,6 +282,35 @@ def translate(model_dir: Path, src_lang: str | None, tgt_lang: str | None, beams
               f"({tokens / seconds if seconds else 0:.0f} input tok/s), {rows} decoder rows")
 
 
+@main.command()
+@click.argument("model_dir", type=click.Path(path_type=Path))
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind (loopback by default).")
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True)
+@click.option("--max-batch", type=click.IntRange(min=1), default=8, show_default=True,
+              help="Requests decoded together (continuous batching; traced-attention models serve one at a time).")
+@click.option("--max-queue", type=click.IntRange(min=1), default=64, show_default=True,
+              help="Requests waiting for a slot; past it the server answers 503 with Retry-After.")
+@click.option("--max-len", type=click.IntRange(min=2), default=None,
+              help="Tokens per request, prompt + max_tokens (default: the model's max positions).")
+@click.option("--api-key", default=None, help="Require 'Authorization: Bearer KEY' on /v1/*.")
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=600.0, show_default=True,
+              help="Seconds a request may take from arrival to its last token.")
+@click.option("--provider", type=click.Choice(PROVIDERS), default="auto", show_default=True)
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="ONNX Runtime intra-op threads.")
+@click.option("--ray", "use_ray", is_flag=True, help="Serve as Ray Serve replicas (RAY_ADDRESS: join a cluster).")
+@click.option("--replicas", type=click.IntRange(min=1), default=1, show_default=True, help="Ray Serve replicas.")
+def serve(model_dir: Path, host: str, port: int, max_batch: int, max_queue: int, max_len: int | None,
+          api_key: str | None, timeout: float, provider: str, threads: int | None, use_ray: bool,
+          replicas: int) -> None:
+    """Serve MODEL_DIR over an OpenAI-compatible HTTP API (completions, chat, translations, /metrics)."""
+    from .serve.launch import serve as run_server
+    from .serve.settings import ServeSettings
+
+    settings = ServeSettings(max_batch=max_batch, max_queue=max_queue, api_key=api_key, timeout=timeout,
+                             max_len=max_len)
+    run_server(model_dir, host, port, settings, provider, threads, use_ray, replicas, on_ready=err.print)
+
+
 def _utf8_lines(data: bytes) -> list[str]:
     """Lines of UTF-8 text (universal newlines, as text-mode stdin reads them); other bytes are an error."""
     try:
@@ -319,7 +348,9 @@ def _ints(value: str) -> list[int]:
 @click.option("--new-tokens", type=click.IntRange(min=2), default=64, show_default=True)
 @click.option("--compare", default="hf,generic", show_default=True,
               help="Baselines: hf (PyTorch eager), generic (torch.onnx, batched_mm experts), genai "
-                   "(onnxruntime-genai's builder + C++ generator, in its own venv, built on first use).")
+                   "(onnxruntime-genai's builder + C++ generator, in its own venv, built on first use), llamacpp "
+                   "(llama.cpp via llama-cpp-python, compiled in its own venv on first use: F32/Q8_0/Q4_0 GGUF "
+                   "beside fp32/int8/int4).")
 @click.option("--variants", default="fp32,int8,int4", show_default=True,
               help="moerun's exports: fp32, int8, int4 (quantization defaults: block 64, accuracy_level 4).")
 @click.option("--repeats", type=click.IntRange(min=1), default=5, show_default=True,
@@ -355,6 +386,82 @@ def bench(checkpoint: Path, batch: str, prompt_len: str, new_tokens: int, compar
         write_json(records, json_out)
     if md_out:
         md_out.write_text(table)
+
+
+@main.command("inspect")
+@click.argument("model_dir", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="The report as JSON on stdout.")
+@click.option("--strict", is_flag=True, help="Exit 1 if any op is outside the ONNX standard and com.microsoft domains.")
+def inspect_command(model_dir: Path, as_json: bool, strict: bool) -> None:
+    """What MODEL_DIR holds (I/O, ops, MoE nodes, sizes) and which ONNX Runtime hosts can run it."""
+    from .console import inspection_table
+    from .deploy.inspect import inspect_model
+
+    if not model_dir.is_dir():
+        raise MoerunError(f"{model_dir}: no such model directory")
+    report = inspect_model(model_dir)
+    if as_json:
+        click.echo(report.to_json())
+    else:
+        out.print(inspection_table(report), soft_wrap=False)
+    if strict and not report.strict_ok:
+        raise MoerunError(f"{model_dir}: ops outside the ONNX standard and com.microsoft domains: "
+                          f"{', '.join(report.foreign_ops)}")
+
+
+@main.group(cls=_Group)
+def deploy() -> None:
+    """Write a model directory for another ONNX Runtime host: onnxruntime-genai, Triton, ONNX tokenizer graphs."""
+
+
+_DEPLOY_OUTPUT = click.option("-o", "--output", type=click.Path(path_type=Path), required=True,
+                              help="Output directory (a new one, outside MODEL_DIR).")
+_DEPLOY_OVERWRITE = click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists.")
+
+
+@deploy.command("genai")
+@click.argument("model_dir", type=click.Path(path_type=Path))
+@_DEPLOY_OUTPUT
+@_DEPLOY_OVERWRITE
+def deploy_genai(model_dir: Path, output: Path, overwrite: bool) -> None:
+    """A directory onnxruntime_genai.Model(OUTPUT) loads: the graph, genai_config.json and the tokenizer files."""
+    from .deploy.genai import export_genai_dir
+
+    out.print(str(export_genai_dir(model_dir, output, overwrite=overwrite)))
+
+
+@deploy.command("triton")
+@click.argument("model_dir", type=click.Path(path_type=Path))
+@_DEPLOY_OUTPUT
+@_DEPLOY_OVERWRITE
+@click.option("--name", default=None, help="Triton model name (default: MODEL_DIR's name).")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="ONNX Runtime intra-op threads (CPU).")
+@click.option("--max-length", type=click.IntRange(min=2), default=None,
+              help="Fused attention: positions of each sequence's KV buffer (default: the model's, at most 4096).")
+def deploy_triton(model_dir: Path, output: Path, overwrite: bool, name: str | None, threads: int | None,
+                  max_length: int | None) -> None:
+    """A Triton model repository OUTPUT: NAME/config.pbtxt and NAME/1/model.onnx (onnxruntime backend); a decoder is
+    stateful (sequence batching with implicit KV state)."""
+    from .deploy.triton import export_triton
+    from .runtime import Manifest
+    from .runtime.placement import ops_without_cuda_kernel
+
+    written = export_triton(model_dir, output, name=name, overwrite=overwrite, threads=threads, max_length=max_length)
+    if cpu_only := ops_without_cuda_kernel(Manifest.load(model_dir)):
+        err.print(f"[yellow]warning:[/yellow] {', '.join(cpu_only)} have no fp32 CUDA kernels: on a GPU instance "
+                  "they run on the CPU; convert with --dtype fp16 for GPU serving")
+    out.print(str(written))
+
+
+@deploy.command("tokenizer")
+@click.argument("model_dir", type=click.Path(path_type=Path))
+@_DEPLOY_OUTPUT
+@_DEPLOY_OVERWRITE
+def deploy_tokenizer(model_dir: Path, output: Path, overwrite: bool) -> None:
+    """OUTPUT/tokenizer.onnx and OUTPUT/detokenizer.onnx (onnxruntime-extensions): strings to ids and back."""
+    from .deploy.tokenizer_onnx import export_tokenizer
+
+    out.print(str(export_tokenizer(model_dir, output, overwrite=overwrite)))
 
 
 def _check_writable(option: str, *paths: Path | None) -> None:

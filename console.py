@@ -15,7 +15,8 @@ from rich.table import Table
 
 from .runtime.memory import human_bytes as human_size
 
-__all__ = ["err", "human_size", "out", "quiet_converter_libraries", "run_convert", "stages", "summary_table"]
+__all__ = ["err", "human_size", "inspection_table", "out", "quiet_converter_libraries", "run_convert", "stages",
+           "summary_table"]
 
 
 def _console(stderr: bool = False) -> Console:
@@ -120,3 +121,34 @@ def run_convert(source: Path, output: Path, **options):
     quiet_converter_libraries()
     with _ConvertDisplay() as display:
         return convert(source, output, on_stage=display.stage, on_progress=display.progress, **options)
+
+
+def _dims(tensors) -> str:
+    return "; ".join(f"{t.name} {t.dtype}[{', '.join(map(str, t.dims))}]" for t in tensors)
+
+
+def inspection_table(report) -> Table:
+    """`moerun inspect`: a deploy.inspect.Inspection as one table."""
+    rows = [("model", f"{report.architecture} ({report.kind}), {report.dtype}, {human_size(report.total_bytes)}"),
+            ("attention", report.attention), ("experts", report.quantization)]
+    for g in report.graphs:
+        past = [t for t in g.inputs if t.name.startswith("past")]
+        shown = [t for t in g.inputs if not t.name.startswith("past")] + past[:2]
+        more = f"; ... {len(past) - 2} more past inputs" if len(past) > 2 else ""
+        rows.append((f"{g.file}", f"{human_size(g.bytes)}, IR {g.ir_version}, opsets "
+                     + ", ".join(f"{d} {v}" for d, v in g.opsets.items())))
+        rows.append(("  inputs", _dims(shown) + more))
+        outputs = [t for t in g.outputs if not t.name.startswith("present")]
+        rows.append(("  outputs", _dims(outputs) + f"; {len(g.outputs) - len(outputs)} present outputs"))
+        for domain, ops in g.ops.items():
+            rows.append((f"  ops {domain}", ", ".join(f"{op} {n}" for op, n in ops.items())))
+        for node in g.moe_nodes[:1]:
+            bits = f", int{node.bits} block {node.block_size}" if node.bits else ""
+            rows.append((f"  {node.op_type} x{len(g.moe_nodes)}",
+                         f"{node.experts} experts, top-{node.k}, {node.activation}{bits} (first: {node.name})"))
+    rows.append(("min ONNX Runtime", f"{report.min_onnxruntime} ({'; '.join(report.min_onnxruntime_basis)})"))
+    rows += [(f"EP {ep}", verdict) for ep, verdict in report.execution_providers.items()]
+    rows += [(f"deploy {target}", verdict) for target, verdict in report.deploy_targets.items()]
+    rows.append(("--strict", "passes" if report.strict_ok else f"fails: {', '.join(report.foreign_ops)}"))
+    rows += [("note", note) for note in report.notes]
+    return summary_table(rows, f"moerun inspect {report.model_dir}")
