@@ -21,7 +21,9 @@ import numpy as np
 __all__ = ["BASELINES", "EXPORTS", "VARIANTS", "Record", "run_bench", "word_level_tokenizer"]
 
 BASELINES = ("hf", "generic", "genai", "llamacpp")  # llamacpp: one GGUF per export (llamacpp.PAIRS)
-EXPORTS = ("fp32", "int8", "int4")
+# int8-dense / int4-dense: experts and the dense MatMuls (attention, lm_head) quantized, as llama.cpp's Q8_0 / Q4_0
+# quantize every weight: the like-for-like pair for it.
+EXPORTS = ("fp32", "int8", "int4", "int8-dense", "int4-dense")
 VARIANTS = BASELINES + EXPORTS
 FIELDS = ("prefill_tok_s", "decode_tok_s", "ttft_ms", "peak_rss_mb")
 
@@ -209,7 +211,8 @@ def _with_llamacpp_pairs(variants: list[str]) -> list[str]:
         return variants
     out = [v for v in variants if v != "llamacpp"]
     for export in [v for v in EXPORTS if v in out]:
-        out.insert(out.index(export) + 1, f"llamacpp-{PAIRS[export]}")
+        if f"llamacpp-{PAIRS[export]}" not in out:  # int4 and int4-dense share Q4_0: once, after the first
+            out.insert(out.index(export) + 1, f"llamacpp-{PAIRS[export]}")
     return out if any(v.startswith("llamacpp-") for v in out) else [*out, "llamacpp-f32"]
 
 
@@ -251,10 +254,11 @@ def run_bench(checkpoint: Path, batches: list[int], prompt_lens: list[int], new_
                 dirs[f"llamacpp-{kind}"] = files[kind]
                 gguf_bytes[f"llamacpp-{kind}"] = gguf_bytes_per_token(files[kind], k, llamacpp_py)
         for bits in (8, 4):
-            if f"int{bits}" in variants:
-                stage(f"quantize int{bits}")
-                opts = QuantizeOptions(bits=bits)  # the defaults: block 64, accuracy_level 4
-                dirs[f"int{bits}"] = quantize_model(dirs["fp32"], root / f"int{bits}", opts, overwrite=True).output
+            for name, dense in ((f"int{bits}", "none"), (f"int{bits}-dense", f"int{bits}")):
+                if name in variants:
+                    stage(f"quantize {name}")
+                    opts = QuantizeOptions(bits=bits, dense=dense)  # the defaults: block 64, accuracy_level 4
+                    dirs[name] = quantize_model(dirs["fp32"], root / name, opts, overwrite=True).output
         stage("measure memory bandwidth")
         bandwidth = measured_bandwidth_gb_s()
         samples: dict[tuple, list[dict]] = {}

@@ -352,7 +352,8 @@ def _ints(value: str) -> list[int]:
                    "(llama.cpp via llama-cpp-python, compiled in its own venv on first use: F32/Q8_0/Q4_0 GGUF "
                    "beside fp32/int8/int4).")
 @click.option("--variants", default="fp32,int8,int4", show_default=True,
-              help="moerun's exports: fp32, int8, int4 (quantization defaults: block 64, accuracy_level 4).")
+              help="moerun's exports: fp32, int8, int4, int8-dense, int4-dense (-dense: attention and lm_head "
+                   "quantized too; quantization defaults: block 64, accuracy_level 4).")
 @click.option("--repeats", type=click.IntRange(min=1), default=5, show_default=True,
               help="Interleaved rounds; medians with min..max are reported.")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="Threads for every variant.")

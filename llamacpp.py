@@ -30,7 +30,7 @@ LLAMACPP_VERSION = "0.3.36"
 GGUF_VERSION = "0.19.0"  # reads GGUF files here; the converter runs with the sdist's newer copy of it
 READY = "moerun-ready"  # written last: a venv without it is half-built and is rebuilt
 # moerun's exports and the GGUF type each is measured against (llama.cpp's names: file types F32, Q8_0, Q4_0)
-PAIRS = {"fp32": "f32", "int8": "q8_0", "int4": "q4_0"}
+PAIRS = {"fp32": "f32", "int8": "q8_0", "int4": "q4_0", "int8-dense": "q8_0", "int4-dense": "q4_0"}
 
 
 def _venv_dir() -> Path:

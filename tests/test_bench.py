@@ -18,10 +18,11 @@ def test_bench_quick_writes_every_field(tmp_path):
                                         num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
                                         num_hidden_layers=2), tmp_path / "ckpt")
     out = tmp_path / "bench.json"
-    result = run_cli("bench", str(ckpt), "--quick", "--json", str(out), "--markdown", str(tmp_path / "bench.md"))
+    result = run_cli("bench", str(ckpt), "--quick", "--variants", "fp32,int8,int4,int4-dense", "--json", str(out),
+                     "--markdown", str(tmp_path / "bench.md"))
     assert result.returncode == 0, result.stderr
     records = json.loads(out.read_text())
-    assert [r["variant"] for r in records] == ["hf", "generic", "fp32", "int8", "int4"]
+    assert [r["variant"] for r in records] == ["hf", "generic", "fp32", "int8", "int4", "int4-dense"]
     names = {f.name for f in fields(Record)}
     for r in records:
         assert set(r) == names
@@ -32,6 +33,9 @@ def test_bench_quick_writes_every_field(tmp_path):
     by = {r["variant"]: r for r in records}
     assert by["int4"]["file_mb"] < by["int8"]["file_mb"] < by["fp32"]["file_mb"]
     assert by["int4"]["bytes_per_token"] < by["fp32"]["bytes_per_token"]
+    # -dense quantizes attention and lm_head too: fewer bytes per step than experts-only int4
+    assert by["int4-dense"]["bytes_per_token"] < by["int4"]["bytes_per_token"]
+    assert by["int4-dense"]["file_mb"] < by["int4"]["file_mb"]
     # the fp32 exports are exact: their greedy tokens are Hugging Face's, measured in the same run
     assert by["fp32"]["hf_agreement"] == 1.0 and by["generic"]["hf_agreement"] == 1.0
     assert "| int4 | 1 | 16 |" in (tmp_path / "bench.md").read_text()

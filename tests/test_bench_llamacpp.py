@@ -18,6 +18,8 @@ def test_llamacpp_variants_sit_beside_their_moerun_pairs():
     assert _with_llamacpp_pairs(["hf", "llamacpp", "fp32", "int8", "int4"]) == [
         "hf", "fp32", "llamacpp-f32", "int8", "llamacpp-q8_0", "int4", "llamacpp-q4_0"]
     assert _with_llamacpp_pairs(["llamacpp", "int4"]) == ["int4", "llamacpp-q4_0"]
+    # int4 and int4-dense are both paired with Q4_0, which is measured once
+    assert _with_llamacpp_pairs(["llamacpp", "int4", "int4-dense"]) == ["int4", "llamacpp-q4_0", "int4-dense"]
     assert _with_llamacpp_pairs(["hf", "llamacpp"]) == ["hf", "llamacpp-f32"]
     assert _with_llamacpp_pairs(["hf", "fp32"]) == ["hf", "fp32"]
 
