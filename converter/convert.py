@@ -28,7 +28,7 @@ from torch import nn
 
 from ..runtime import Manifest, MoEModel
 from ..runtime.errors import MoerunError
-from ..runtime.manifest import decoder_io_names, seq2seq_io_names
+from ..runtime.manifest import decoder_io_names, seq2seq_io_names, state_layers
 from . import verify as verify_mod
 from .architectures import adapter_for
 from .architectures.base import FusedMoE
@@ -46,6 +46,7 @@ from .output import (
 )
 from .passes import BindWeights, CheckFusedMoE, FoldWeightTransposes, OrtFusions, PinIrVersion, ToFloat16
 from .quantize import QuantizeOptions, apply_quantization
+from .recurrent import DecoderWithState
 from .sources import Checkpoint, open_checkpoint
 from .weights import REST, WeightStream, build_skeleton, group_of, load_groups
 
@@ -149,6 +150,8 @@ def export_modules(model: nn.Module, adapter, fused_attention: bool) -> dict[str
         layers = adapter.decoder_layers(model.config)
         return {"encoder.onnx": EncoderWithCrossKV(model, adapter.cross_attention(model)),
                 "decoder.onnx": DecoderStep(model, layers)}
+    if adapter.state_shapes(model.config):  # hybrid: convolution / recurrent states beside the KV cache
+        return {"model.onnx": DecoderWithState(model, adapter)}
     if fused_attention:
         return {"model.onnx": DecoderWithFusedAttention(model, model.config.max_position_embeddings)}
     return {"model.onnx": DecoderWithCache(model)}
@@ -173,7 +176,7 @@ def export_graphs(checkpoint: Checkpoint, adapter, dtype: str, fusions: bool) ->
     # code has data-dependent fp16-only branches (inf clamping) that torch.export cannot trace.
     trace_dtype = "fp32" if seq2seq else dtype
     skeleton = build_skeleton(config, _TORCH[trace_dtype], adapter.attn_implementation)
-    fused_attention = fusions and adapter.fused_attention and not seq2seq
+    fused_attention = fusions and adapter.fused_attention and not seq2seq and not adapter.state_shapes(config)
     if fused_attention and (reason := unfusable_reason(skeleton)):
         log.info("attention stays traced: %s", reason)
         fused_attention = False
@@ -259,12 +262,15 @@ def _manifest(checkpoint: Checkpoint, adapter, exported: Exported, dtype: str, t
     config = checkpoint.config
     seq2seq = getattr(adapter, "seq2seq", False)
     kv = adapter.kv_shape(config)
+    states = {} if seq2seq else adapter.state_shapes(config)
+    layer_types = adapter.layer_types(config) if states else []
     if seq2seq:
         num_layers = adapter.decoder_layers(config)
         inputs, outputs = seq2seq_io_names(num_layers)["decoder"]
     else:
         num_layers = config.num_hidden_layers
-        inputs, outputs = decoder_io_names(num_layers, positions=not exported.fused_attention)
+        inputs, outputs = decoder_io_names(num_layers, positions=not exported.fused_attention,
+                                           state_layers=state_layers(layer_types, states))
     return Manifest(
         architecture=adapter.architectures[0],
         model_type=config.model_type,
@@ -284,6 +290,8 @@ def _manifest(checkpoint: Checkpoint, adapter, exported: Exported, dtype: str, t
         moe_layers=sum(exported.moe_layers.values()),
         dtype=dtype,
         attention="gqa" if exported.fused_attention else "traced",
+        layer_types=layer_types,
+        states=states,
         inputs=inputs,
         outputs=outputs,
         passes=list(exported.passes),

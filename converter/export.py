@@ -79,19 +79,24 @@ class DecoderWithCache(nn.Module):
         return (out.logits, *presents)
 
 
-def _sample_inputs(config, kv: KVShape, dtype: torch.dtype, positions: bool) -> tuple[torch.Tensor, ...]:
+def _sample_inputs(config, kv: KVShape, dtype: torch.dtype, positions: bool,
+                   states: dict[int, dict] | None = None) -> tuple[torch.Tensor, ...]:
     g = torch.Generator().manual_seed(0)
     input_ids = torch.randint(0, config.vocab_size, (_BATCH, _SEQ), generator=g)
     attention_mask = torch.ones(_BATCH, _PAST + _SEQ, dtype=torch.int64)
     position_ids = torch.arange(_PAST, _PAST + _SEQ).expand(_BATCH, _SEQ).contiguous()
+    states = states or {}
     past = tuple(
-        torch.randn(_BATCH, kv.heads, _PAST, dim, generator=g).to(dtype)
-        for _ in range(config.num_hidden_layers) for dim in (kv.key_dim, kv.value_dim)
+        torch.randn(shape, generator=g).to(dtype)
+        for i in range(config.num_hidden_layers)
+        for shape in ([(_BATCH, *d) for d in states[i].values()] if i in states else
+                      [(_BATCH, kv.heads, _PAST, dim) for dim in (kv.key_dim, kv.value_dim)])
     )
     return (input_ids, attention_mask, *([position_ids] if positions else []), *past)
 
 
-def _name_dynamic_dims(model: ir.Model, num_layers: int, present_length: str) -> None:
+def _name_dynamic_dims(model: ir.Model, num_layers: int, present_length: str,
+                       states: dict[int, dict] | None = None) -> None:
     """Give the symbolic dims readable names: batch_size, sequence_length, past_sequence_length, ..."""
     names = {"input_ids": ("batch_size", "sequence_length"),
              "attention_mask": ("batch_size", "total_sequence_length"),
@@ -101,6 +106,8 @@ def _name_dynamic_dims(model: ir.Model, num_layers: int, present_length: str) ->
         for kv in ("key", "value"):
             names[f"past_key_values.{i}.{kv}"] = ("batch_size", None, "past_sequence_length", None)
             names[f"present.{i}.{kv}"] = ("batch_size", None, present_length, None)
+        for state, shape in (states or {}).get(i, {}).items():
+            names[f"past.{i}.{state}"] = names[f"present.{i}.{state}"] = ("batch_size", *[None] * len(shape))
     for value in [*model.graph.inputs, *model.graph.outputs]:
         dims = names.get(value.name)
         if dims is None or value.shape is None:
@@ -115,22 +122,25 @@ def export_decoder(wrapper: nn.Module, kv: KVShape) -> ir.Model:
     one GroupQueryAttention node per layer, no position_ids, right-padded attention_mask) whose MoE
     blocks are already fused; returns the ONNX model in memory."""
     fused_attention = isinstance(wrapper, DecoderWithFusedAttention)
+    states = getattr(wrapper, "state_layers", {})  # hybrid models (DecoderWithState): layer -> its states
     model = wrapper.model
     config = model.config
     layers = config.num_hidden_layers
-    input_names, output_names = decoder_io_names(layers, positions=not fused_attention)
+    input_names, output_names = decoder_io_names(layers, positions=not fused_attention, state_layers=states)
     dtype = next(model.parameters()).dtype
     batch, seq, past_len = torch.export.Dim("batch"), torch.export.Dim("seq"), torch.export.Dim("past")
     kv_dims = {0: batch, 2: past_len}
+    past_dims = [d for i in range(layers) for d in ([{0: batch}] * len(states[i]) if i in states else [kv_dims] * 2)]
     dynamic_shapes = (
         {0: batch, 1: seq},
         {0: batch, 1: torch.export.Dim.AUTO},
         *([] if fused_attention else [{0: batch, 1: seq}]),
-        tuple(kv_dims for _ in range(2 * layers)),
+        tuple(past_dims),
     )
-    ir_model = trace(wrapper.eval(), _sample_inputs(config, kv, dtype, positions=not fused_attention), input_names,
-                     output_names, dynamic_shapes, type(model).__name__)
-    _name_dynamic_dims(ir_model, layers, "present_sequence_length" if fused_attention else "total_sequence_length")
+    sample = _sample_inputs(config, kv, dtype, positions=not fused_attention, states=states)
+    ir_model = trace(wrapper.eval(), sample, input_names, output_names, dynamic_shapes, type(model).__name__)
+    _name_dynamic_dims(ir_model, layers, "present_sequence_length" if fused_attention else "total_sequence_length",
+                       states)
     return ir_model
 
 

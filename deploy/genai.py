@@ -41,6 +41,9 @@ def genai_problem(manifest: Manifest) -> str | None:
                 "cross-attention names); moerun's encoder-decoder graphs do not")
     if manifest.value_head_dim not in (None, manifest.head_dim):
         return "keys and values of different sizes (MLA): genai allocates one head size for both"
+    if manifest.states:
+        return (f"layers with recurrent state ({', '.join(manifest.states)}): moerun does not write genai's "
+                "hybrid-model settings (layer_types, conv_cache_size) yet, nor has it run genai on them")
     return None
 
 

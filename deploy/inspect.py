@@ -220,7 +220,8 @@ def _deploy_targets(directory: Path, manifest: Manifest, min_ort: str, foreign: 
     targets = {}
     problem = genai_problem(manifest)
     targets["genai"] = f"no: {problem}" if problem else "ready: moerun deploy genai (onnxruntime-genai)"
-    targets["triton"] = "no: foreign ops" if foreign else "ready: moerun deploy triton (onnxruntime backend)"
+    triton = "foreign ops" if foreign else "layers with recurrent state (not written yet)" if manifest.states else None
+    targets["triton"] = f"no: {triton}" if triton else "ready: moerun deploy triton (onnxruntime backend)"
     targets["tokenizer"] = _tokenizer_target(directory)
     if min_ort != "unknown" and _version_key(min_ort) > _version_key(NODE_NPM_ORT):
         targets["node"] = (f"no: needs ONNX Runtime {min_ort}, onnxruntime-node on npm is {NODE_NPM_ORT}; "

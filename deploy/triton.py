@@ -142,6 +142,9 @@ def build_configs(model_dir: str | Path, name: str | None = None, threads: int |
     pb2 = _pb2()
     model_dir = Path(model_dir)
     manifest = Manifest.load(model_dir)
+    if manifest.states:  # their past.{i}.conv / present.{i}.conv would need implicit state too: not built, not tested
+        raise MoerunError(f"{model_dir}: layers with recurrent state ({', '.join(manifest.states)}) are not served by "
+                          "moerun's Triton configs yet")
     static_length = None
     if manifest.fused_attention:
         static_length = max_length or min(manifest.max_positions or DEFAULT_MAX_LENGTH, DEFAULT_MAX_LENGTH)

@@ -41,6 +41,11 @@ def check_graph(session, path: Path, inputs: list[str], outputs: list[str], mani
             raise ModelDirError(f"{path}: {name} is {arg.type}, but moerun.json says dtype {manifest.dtype!r} "
                                 f"({kv_type}); {_FIX}")
         dims = [d if isinstance(d, int) else None for d in arg.shape]
+        if name.startswith("past."):  # a hybrid layer's fixed-size state: (batch, *its shape in moerun.json)
+            if len(dims) != len(shape) or any(d not in (None, s) for d, s in zip(dims[1:], shape[1:])):
+                raise ModelDirError(f"{path}: {name} has shape {arg.shape}, but moerun.json says {list(shape[1:])} "
+                                    f"after the batch; {_FIX}")
+            continue
         if len(dims) != 4 or dims[1] not in (None, shape[1]) or dims[3] not in (None, shape[3]):
             raise ModelDirError(f"{path}: {name} has shape {arg.shape}, but moerun.json says num_kv_heads "
                                 f"{manifest.num_kv_heads} and head_dim {shape[3]}; {_FIX}")

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnxruntime as ort
 
-from .buffers import bind_host_output, device_buffer, output_spec
+from .buffers import bind_host_output, device_buffer, output_spec, to_device
 from .checks import check_count, is_number
 from .errors import MoerunError, RequestError
 from .manifest import Manifest, decoder_io_names
@@ -167,8 +167,9 @@ class DecoderRunner:
         self.session = session
         self.manifest = manifest
         self.device = device
-        inputs, outputs = decoder_io_names(manifest.num_layers)
-        self.past_names = [n for n in inputs if n.startswith("past_key_values.")]
+        inputs, outputs = decoder_io_names(manifest.num_layers, state_layers=manifest.state_layers())
+        # past_key_values.{i}.key/value, and for hybrid models' stateful layers past.{i}.{state} (fixed size)
+        self.past_names = [n for n in inputs if n.startswith("past")]
         self.present_names = outputs[1:]
         self.kv_dtype = np.float16 if manifest.dtype == "fp16" else np.float32
         self.logits_dtype, self.vocab = output_spec(session, "logits", manifest.vocab_size)
@@ -177,7 +178,11 @@ class DecoderRunner:
         return device_buffer(shape, self.kv_dtype, self.device)
 
     def empty_past(self, batch: int, length: int = 0) -> list[ort.OrtValue]:
-        return [self.kv_buffer(shape) for shape in self.manifest.past_shapes(batch, length)]
+        """KV buffers of ``length`` positions, and zero states (what a stateful layer starts from: zeroed even on
+        CUDA, where device_buffer leaves memory uninitialised)."""
+        return [to_device(np.zeros(shape, self.kv_dtype), self.device) if name.startswith("past.") else
+                self.kv_buffer(shape)
+                for name, shape in zip(self.past_names, self.manifest.past_shapes(batch, length))]
 
     def step(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray,
              past: list[ort.OrtValue]) -> tuple[np.ndarray, list[ort.OrtValue]]:

@@ -11,18 +11,33 @@ from pathlib import Path
 
 from .errors import ModelDirError
 
-__all__ = ["MANIFEST_FILE", "FORMAT_VERSION", "Manifest", "decoder_io_names", "seq2seq_io_names"]
+__all__ = ["MANIFEST_FILE", "FORMAT_VERSION", "Manifest", "decoder_io_names", "seq2seq_io_names", "state_layers"]
 
 MANIFEST_FILE = "moerun.json"
 FORMAT_VERSION = 1
 
 
-def decoder_io_names(num_layers: int, positions: bool = True) -> tuple[list[str], list[str]]:
+def decoder_io_names(num_layers: int, positions: bool = True,
+                     state_layers: dict[int, dict] | None = None) -> tuple[list[str], list[str]]:
     """Input and output names of a decoder with KV cache (the onnxruntime-genai naming); fused-attention
-    graphs take no position_ids."""
-    past = [f"past_key_values.{i}.{kv}" for i in range(num_layers) for kv in ("key", "value")]
-    present = [f"present.{i}.{kv}" for i in range(num_layers) for kv in ("key", "value")]
+    graphs take no position_ids. Layers in ``state_layers`` (hybrid models: short convolutions, Mamba) carry
+    their fixed-size states instead of keys and values: ``past.{i}.{state}`` / ``present.{i}.{state}``, as
+    onnxruntime-genai names them; names follow layer order."""
+    state_layers = state_layers or {}
+    past, present = [], []
+    for i in range(num_layers):
+        if i in state_layers:
+            past += [f"past.{i}.{state}" for state in state_layers[i]]
+            present += [f"present.{i}.{state}" for state in state_layers[i]]
+        else:
+            past += [f"past_key_values.{i}.{kv}" for kv in ("key", "value")]
+            present += [f"present.{i}.{kv}" for kv in ("key", "value")]
     return ["input_ids", "attention_mask", *(["position_ids"] if positions else []), *past], ["logits", *present]
+
+
+def state_layers(layer_types: list[str], states: dict[str, dict]) -> dict[int, dict[str, list[int]]]:
+    """Layer index -> {state name: shape without the batch dimension}, for the layers whose kind carries state."""
+    return {i: states[kind] for i, kind in enumerate(layer_types) if kind in states}
 
 
 def seq2seq_io_names(num_layers: int) -> dict[str, tuple[list[str], list[str]]]:
@@ -60,6 +75,11 @@ class Manifest:
     encoder_moe_layers: int = 0  # seq2seq: how many of moe_layers are in the encoder graph
     decoder_start_token_id: int | None = None
     max_positions: int | None = None  # the model's max position embeddings; None: not limited (or unknown)
+    # Hybrid models: each layer's kind (the config's layer_types, e.g. "conv", "full_attention"), and for the kinds
+    # that carry fixed-size state instead of a KV cache, each state's shape without the batch dimension, e.g.
+    # {"conv": {"conv": [hidden, kernel - 1]}}. Empty: every layer has a KV cache.
+    layer_types: list[str] = field(default_factory=list)
+    states: dict = field(default_factory=dict)
     inputs: list[str] = field(default_factory=list)
     outputs: list[str] = field(default_factory=list)
     passes: list[str] = field(default_factory=list)
@@ -90,11 +110,22 @@ class Manifest:
             return {self.model_file: self.moe_layers}
         return {self.encoder_file: self.encoder_moe_layers, self.model_file: self.moe_layers - self.encoder_moe_layers}
 
-    def past_shapes(self, batch: int, length: int = 0) -> list[tuple[int, int, int, int]]:
-        """Shapes of the past_key_values inputs, in input order (key, value per layer)."""
+    def state_layers(self) -> dict[int, dict[str, list[int]]]:
+        """Layer index -> {state name: shape without batch} for the layers that carry state (none: {})."""
+        return state_layers(self.layer_types, self.states)
+
+    def past_shapes(self, batch: int, length: int = 0) -> list[tuple[int, ...]]:
+        """Shapes of the past inputs, in input order: key and value per layer, or a stateful layer's states
+        (fixed size: ``length`` does not apply to them)."""
         value_dim = self.value_head_dim or self.head_dim
-        return [(batch, self.num_kv_heads, length, dim) for _ in range(self.num_layers)
-                for dim in (self.head_dim, value_dim)]
+        stateful = self.state_layers()
+        shapes: list[tuple[int, ...]] = []
+        for i in range(self.num_layers):
+            if i in stateful:
+                shapes += [(batch, *shape) for shape in stateful[i].values()]
+            else:
+                shapes += [(batch, self.num_kv_heads, length, dim) for dim in (self.head_dim, value_dim)]
+        return shapes
 
     def save(self, directory: Path) -> None:
         (Path(directory) / MANIFEST_FILE).write_text(json.dumps(asdict(self), indent=2) + "\n")
@@ -137,6 +168,14 @@ class Manifest:
                 return f"{name} is {value!r}, not >= 1"
         if self.is_seq2seq and self.encoder_file is None:
             return "kind is 'seq2seq' but there is no encoder_file"
+        if self.states and not self.layer_types:
+            return "states are declared but no layer_types say which layers carry them"
+        if self.layer_types and len(self.layer_types) != self.num_layers:
+            return f"layer_types has {len(self.layer_types)} entries for num_layers {self.num_layers}"
+        for kind, shapes in self.states.items():
+            if not isinstance(shapes, dict) or not all(
+                    isinstance(n, str) and _is_a(d, list[int]) and all(x >= 1 for x in d) for n, d in shapes.items()):
+                return f"states[{kind!r}] is {reprlib.repr(shapes)}, not {{state name: [positive dims]}}"
         return None
 
 

@@ -160,7 +160,8 @@ class DecoderModel(MoEModel):
         runner = DecoderRunner(session, manifest, provider)
         # The graph must be what the manifest says (layers, attention, dtype, head sizes), or the first request
         # would fail inside ONNX Runtime.
-        names = decoder_io_names(manifest.num_layers, positions=not manifest.fused_attention)
+        names = decoder_io_names(manifest.num_layers, positions=not manifest.fused_attention,
+                                 state_layers=manifest.state_layers())
         check_graph(session, directory / manifest.model_file, *names, manifest, runner.past_names)
         cls._check_io_names(directory, manifest, names)
         return cls(directory, manifest, runner, tokenizer, provider)
@@ -179,9 +180,12 @@ class DecoderModel(MoEModel):
         input_ids = check_ids(input_ids, "input_ids", self.manifest.vocab_size, ndim=2)
         batch, seq = input_ids.shape
         if past is not None and len(past) != len(self.runner.past_names):
-            raise RequestError(f"past must hold {len(self.runner.past_names)} arrays (key and value per layer), "
-                               f"got {len(past)}")
-        past_len = 0 if past is None else past[0].shape[2]
+            what = "key and value per attention layer, states per stateful layer" if self.manifest.states else \
+                "key and value per layer"
+            raise RequestError(f"past must hold {len(self.runner.past_names)} arrays ({what}), got {len(past)}")
+        # the past length of the first KV input (hybrid models' fixed-size states come in layer order beside them)
+        first_kv = next((i for i, n in enumerate(self.runner.past_names) if n.startswith("past_key_values.")), 0)
+        past_len = 0 if past is None else past[first_kv].shape[2]
         if self.manifest.max_positions is not None and past_len + seq > self.manifest.max_positions:
             raise RequestError(f"{past_len + seq} positions (past {past_len} + {seq} new) are more than this "
                                f"model's {self.manifest.max_positions}; shorten the input")

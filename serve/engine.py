@@ -114,6 +114,6 @@ class SingleEngine:
 
 def make_engine(runner: DecoderRunner, max_batch: int, max_len: int, pad_token_id: int):
     """SlotEngine for fused-attention graphs, SingleEngine (one request at a time) for traced ones."""
-    if runner.manifest.fused_attention:
+    if runner.manifest.fused_attention and not runner.manifest.states:  # slot rows hold KV only, not states
         return SlotEngine(runner, max_batch, max_len, pad_token_id)
     return SingleEngine(runner, pad_token_id)

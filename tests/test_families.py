@@ -53,11 +53,6 @@ FAMILIES = {
 }
 
 NOT_EXPORTABLE = {
-    "DeepseekV2ForCausalLM": ("DeepseekV2Config", dict(
-        intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=3, num_key_value_heads=4,
-        n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2, n_group=4, topk_group=2,
-        topk_method="group_limited_greedy", first_k_dense_replace=1, routed_scaling_factor=2.0, q_lora_rank=None,
-        kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16), "complex tensors"),
     "Qwen3NextForCausalLM": ("Qwen3NextConfig", dict(
         intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=2, num_key_value_heads=2, head_dim=16,
         num_experts=4, num_experts_per_tok=2, linear_num_value_heads=4, linear_num_key_heads=2,
@@ -143,6 +138,18 @@ INT4_AGREEMENT = {
 }
 # Margins: two flipped next-token predictions; one free-running row derailed from its first token.
 POSITION_MARGIN, FREE_RUNNING_MARGIN = 2, 16
+
+
+def test_inspect_strict_passes_on_every_family(family):
+    """`moerun inspect --strict`: every op of both exports is ONNX standard or com.microsoft (tests/test_deploy.py
+    shows it failing on a foreign op)."""
+    from moerun.deploy.inspect import inspect_model
+
+    architecture, _, fp32, int4 = family
+    for model_dir in (fp32, int4):
+        report = inspect_model(model_dir)
+        assert report.strict_ok, (architecture, report.foreign_ops)
+        assert report.min_onnxruntime != "unknown" and report.execution_providers["CPU"].startswith("yes")
 
 
 def test_int4_agrees_with_fp32_as_measured(family):

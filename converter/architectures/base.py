@@ -152,6 +152,20 @@ class MoEAdapter:
         """The KV-cache geometry this family's attention writes."""
         return kv_shape(config)
 
+    def layer_types(self, config) -> list[str]:
+        """Hybrid families: each layer's kind (the config's ``layer_types``); [] when every layer is attention."""
+        return []
+
+    def state_shapes(self, config) -> dict[str, dict[str, list[int]]]:
+        """Hybrid families: for each layer kind that carries fixed-size state instead of a KV cache, its states'
+        shapes without the batch dimension ({"conv": {"conv": [hidden, kernel - 1]}}); {}: a KV cache only."""
+        return {}
+
+    def swap_state_layers(self, model: nn.Module, step) -> None:
+        """Hybrid families: swap each stateful module for one whose state is graph I/O through ``step``
+        (``converter.recurrent.StateStep``)."""
+        raise NotImplementedError(f"{self.family} declares state_shapes but swaps no stateful layers")
+
     def expert_dims(self, config) -> tuple[int, int]:
         """(hidden, intermediate) of one expert: fc1 is (2*I or I, H), fc2 is (H, I)."""
         return config.hidden_size, getattr(config, "moe_intermediate_size", None) or config.intermediate_size

@@ -15,12 +15,12 @@ class Qwen3Next(Qwen2Moe):
     exportable = False
 
     def check_config(self, config) -> None:
-        # Its MoE block is Qwen2-MoE's (shared expert, sigmoid gate) and would map exactly; what does not
-        # fit is the cache: Gated DeltaNet layers keep convolution and recurrent states, not keys/values,
-        # and the decoder I/O (past_key_values.* / present.*) has no place for them yet.
+        # Its MoE block is Qwen2-MoE's (shared expert, sigmoid gate) and would map exactly; what is missing is
+        # the Gated DeltaNet layer with its convolution and recurrent states as graph I/O (converter/recurrent.py
+        # carries such states; LFM2-MoE's short convolutions use it).
         raise UnsupportedModelError(
-            f"{self.architectures[0]}: its Gated DeltaNet layers carry convolution and recurrent state, which "
-            "moerun's KV-cache decoder I/O cannot represent yet"
+            f"{self.architectures[0]}: its Gated DeltaNet layers carry convolution and recurrent state, and moerun "
+            "does not export the Gated DeltaNet recurrence yet"
         )
 
 

@@ -99,8 +99,9 @@ class StandardExperts(MoEAdapter):
             raise UnsupportedModelError(f"{what}: a norm after each expert, which ONNX Runtime's MoE op lacks")
         if getattr(type(experts), "_apply_gate", _default_apply_gate) is not _default_apply_gate:
             raise UnsupportedModelError(f"{what}: a custom expert gate the standard mapping cannot represent")
-        act = type(getattr(experts, "act_fn", None)).__name__
-        if act not in SILU_ACTIVATIONS:
+        act_fn = getattr(experts, "act_fn", None)
+        act = "silu" if act_fn is torch.nn.functional.silu else type(act_fn).__name__  # a module, or F.silu (LFM2-MoE)
+        if act != "silu" and act not in SILU_ACTIVATIONS:
             raise UnsupportedModelError(f"{what}: expert activation {act}; ONNX Runtime's MoE op gates SwiGLU "
                                         "with silu only")
         gate_up, down = experts.gate_up_proj, experts.down_proj
