@@ -119,6 +119,48 @@ def assert_matches_pytorch(hf, onnx, tol: float = 1e-4, seed: int = 1, steps: in
     return worst
 
 
+def assert_experts_only_in_fused_nodes(fp32: Path, int4: Path, sparse: int, skip=lambda name: False) -> None:
+    """One MoE (fp32) / QMoE (int4) node per sparse block, no control flow, and every 3-D expert weight feeds the
+    fused node and nothing else: no per-expert subgraph, no gathers of expert matrices (TopK may appear in
+    routing). ``skip`` names 3-D initializers that are not MoE experts (JetMoE's attention experts)."""
+    import onnx
+
+    for path, op in ((fp32, "MoE"), (int4, "QMoE")):
+        graph = onnx.load(path / "model.onnx").graph
+        ops = [n.op_type for n in graph.node]
+        assert ops.count(op) == sparse
+        assert not {"Loop", "If", "NonZero", "Scan"} & set(ops)
+        experts = {i.name for i in graph.initializer if len(i.dims) == 3 and not skip(i.name)}
+        assert experts and all(n.op_type == op for n in graph.node if experts & set(n.input))
+
+
+# Margins for the int4 agreement below: two flipped next-token predictions; one free-running row derailed.
+POSITION_MARGIN, FREE_RUNNING_MARGIN = 2, 16
+
+
+def assert_int4_agrees(name: str, vocab: int, fp32: Path, int4: Path, measured: tuple[int, int]) -> None:
+    """Next-token (greedy) agreement of int4 with fp32 at the 28 positions of the same prompts, and over 48
+    free-running greedy tokens (3 x 16), each held within its margin of the measurement.
+
+    Tiny random models have nearly flat logits, so one flipped token derails a free-running sequence; the
+    per-position agreement under the same prefix is the stable figure."""
+    from moerun import MoEModel
+    from moerun.converter.verify import padded, sample_prompts
+
+    prompts = sample_prompts(vocab, seed=3, lengths=(12, 9, 7))
+    a, b = MoEModel.load(fp32, provider="cpu"), MoEModel.load(int4, provider="cpu")
+    ids, mask, pos = padded(prompts, pad_id=0, right=a.manifest.fused_attention)
+    la, lb = a.forward(ids, mask, pos)[0], b.forward(ids, mask, pos)[0]
+    valid = mask.astype(bool)
+    per_position = int(np.sum(la.argmax(-1)[valid] == lb.argmax(-1)[valid]))
+    a.manifest.eos_token_id = b.manifest.eos_token_id = []
+    free = int(np.sum(np.array(a.generate_ids(prompts, 16)) == np.array(b.generate_ids(prompts, 16))))
+    figures = f"{name}: int4 agrees with fp32 on {per_position}/28 next tokens, {free}/48 free-running tokens"
+    print("\n" + figures)
+    assert valid.sum() == 28 and per_position >= measured[0] - POSITION_MARGIN, figures
+    assert free >= measured[1] - FREE_RUNNING_MARGIN, figures
+
+
 def hf_greedy(hf, prompts, new_tokens: int) -> list[list[int]]:
     """`model.generate` greedy on left-padded prompts, no EOS: every row has `new_tokens` tokens."""
     from moerun.converter.verify import padded

@@ -8,15 +8,13 @@ node per experts module of the PyTorch model; the int4 export runs and agrees wi
 
 from __future__ import annotations
 
-import numpy as np
-import onnx
 import pytest
 import torch
 import transformers
 
-from conftest import assert_matches_pytorch, hf_greedy
+from conftest import assert_experts_only_in_fused_nodes, assert_int4_agrees, assert_matches_pytorch, hf_greedy
 from moerun import MoEModel
-from moerun.converter.verify import padded, sample_prompts
+from moerun.converter.verify import sample_prompts
 
 COMMON = dict(vocab_size=160, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
               max_position_embeddings=256, bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False)
@@ -120,17 +118,11 @@ def test_one_fused_node_per_experts_module(family):
     sparse = sum(type(m).__name__.endswith("Experts") and not type(m).__name__.startswith("JetMoe")
                  or type(m).__name__ == "JetMoeMoE" for m in hf.modules())
     assert 0 < sparse < hf.config.num_hidden_layers + 1
-    for path, op in ((fp32, "MoE"), (int4, "QMoE")):
-        graph = onnx.load(path / "model.onnx").graph
-        ops = [n.op_type for n in graph.node]
-        assert ops.count(op) == sparse
-        assert not {"Loop", "If", "NonZero", "Scan"} & set(ops)
-        experts = {i.name for i in graph.initializer if len(i.dims) == 3 and "self_attention" not in i.name}
-        assert experts and all(n.op_type == op for n in graph.node if experts & set(n.input))
+    assert_experts_only_in_fused_nodes(fp32, int4, sparse, skip=lambda name: "self_attention" in name)
 
 
 # int4 (block 16) against fp32 on each tiny model, measured: next tokens agreeing out of 28 prompt positions,
-# and out of 48 free-running greedy tokens (3 x 16). Margins as tests/test_families.py.
+# and out of 48 free-running greedy tokens (3 x 16); margins in conftest.assert_int4_agrees.
 INT4_AGREEMENT = {
     "Ernie4_5_MoeForCausalLM": (28, 48),
     "Glm4MoeForCausalLM": (28, 48),
@@ -143,24 +135,11 @@ INT4_AGREEMENT = {
     "Llama4ForCausalLM": (28, 48),
     "JetMoeForCausalLM": (28, 48),
 }
-POSITION_MARGIN, FREE_RUNNING_MARGIN = 2, 16
 
 
 def test_int4_agrees_with_fp32_as_measured(family):
     name, hf, fp32, int4 = family
-    prompts = sample_prompts(hf.config.vocab_size, seed=3, lengths=(12, 9, 7))
-    a, b = MoEModel.load(fp32, provider="cpu"), MoEModel.load(int4, provider="cpu")
-    ids, mask, pos = padded(prompts, pad_id=0, right=a.manifest.fused_attention)
-    la, lb = a.forward(ids, mask, pos)[0], b.forward(ids, mask, pos)[0]
-    valid = mask.astype(bool)
-    per_position = int(np.sum(la.argmax(-1)[valid] == lb.argmax(-1)[valid]))
-    a.manifest.eos_token_id = b.manifest.eos_token_id = []
-    free = int(np.sum(np.array(a.generate_ids(prompts, 16)) == np.array(b.generate_ids(prompts, 16))))
-    measured_position, measured_free = INT4_AGREEMENT[name]
-    figures = f"{name}: int4 agrees with fp32 on {per_position}/28 next tokens, {free}/48 free-running tokens"
-    print("\n" + figures)
-    assert valid.sum() == 28 and per_position >= measured_position - POSITION_MARGIN, figures
-    assert free >= measured_free - FREE_RUNNING_MARGIN, figures
+    assert_int4_agrees(name, hf.config.vocab_size, fp32, int4, INT4_AGREEMENT[name])
 
 
 # Hybrid families refused with the reason, until the decoder I/O carries recurrent state.
