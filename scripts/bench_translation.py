@@ -3,6 +3,11 @@ encoder-decoder MoE of the paper's shape, Hugging Face PyTorch eager against moe
 
     python scripts/bench_translation.py --out docs/bench_translation          # ~25 min on 2 cores
     python scripts/bench_translation.py --quick --out /tmp/bt                  # smoke run, ~2 min
+    python scripts/bench_translation.py --checkpoint tests/fixtures/tiny-translation-moe \
+        --out docs/bench_translation_trained                                     # the trained fixture
+
+With --checkpoint, the model is that Hugging Face directory (the trained translation fixture) and the sentences
+are its held-out sources (heldout.src) tokenized with its tokenizer: real text, real output lengths.
 
 The model is built here (seeded, random weights, nothing downloaded): the paper's translation MoE
 (24 encoder / 12 decoder layers, d 1024, FFN 4096, MoE every other layer, 32 experts, top-1) scaled
@@ -27,6 +32,7 @@ from pathlib import Path
 import numpy as np
 
 VARIANTS = ("hf", "fp32", "int8", "int4", "int4-noprune")
+NOPRUNE = "-noprune"  # the variant without batch pruning (same model files)
 SHAPE = dict(vocab_size=8000, d_model=512, d_ff=2048, d_kv=64, num_heads=8, num_layers=6, num_decoder_layers=3,
              num_experts=32, encoder_sparse_step=2, decoder_sparse_step=2, expert_capacity=10**6,
              decoder_start_token_id=0, pad_token_id=0, eos_token_id=1, initializer_factor=1.0)
@@ -77,7 +83,7 @@ def worker(variant: str, path: str, batch: int, beams: int, max_new: int, thread
         from transformers import AutoModelForSeq2SeqLM
 
         torch.set_num_threads(threads)
-        model = AutoModelForSeq2SeqLM.from_pretrained(path).eval()
+        model = AutoModelForSeq2SeqLM.from_pretrained(path, dtype=torch.float32).eval()
         eos, pad = model.config.eos_token_id, model.config.pad_token_id
 
         def run(group):
@@ -94,7 +100,8 @@ def worker(variant: str, path: str, batch: int, beams: int, max_new: int, thread
         eos = model.manifest.eos_token_id[0]
 
         def run(group):
-            out = model.translate_ids(group, num_beams=beams, max_new_tokens=max_new, prune=variant != "int4-noprune")
+            out = model.translate_ids(group, num_beams=beams, max_new_tokens=max_new,
+                                      prune=not variant.endswith(NOPRUNE))
             return out, model.last_stats.extra["decoder_rows"]
 
     run(batches[0][:1])  # warm-up
@@ -117,6 +124,31 @@ def measure(variant: str, path: Path, batch: int, beams: int, max_new: int, thre
     stdout = run_worker([sys.executable, __file__, "--worker", variant, path, batch, beams, max_new, threads, sents],
                         f"{variant} batch {batch} beam {beams}")
     return json.loads(stdout.strip().splitlines()[-1])
+
+
+def heldout_sources(checkpoint: Path, n: int) -> list[list[int]]:
+    """The first ``n`` held-out sources of a trained fixture as token ids (eos last), sorted by length."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    lines = (checkpoint / "heldout.src").read_text(encoding="utf-8").splitlines()[:n]
+    return sorted((tokenizer(line)["input_ids"] for line in lines), key=len)
+
+
+def pruning_table(records: list[dict]) -> str:
+    """Each variant against its -noprune twin: decoder rows, speed, and whether the outputs are identical."""
+    lines = ["| variant | batch | beam | decoder rows pruned / not | rows saved | tok/s pruned / not | speed-up | "
+             "identical outputs |", "|---|---|---|---|---|---|---|---|"]
+    by_key = {(r["variant"], r["batch"], r["beams"]): r for r in records}
+    for r in records:
+        twin = by_key.get((r["variant"] + NOPRUNE, r["batch"], r["beams"]))
+        if twin is None:
+            continue
+        lines.append(f"| {r['variant']} | {r['batch']} | {r['beams']} | {r['decoder_rows']} / {twin['decoder_rows']} | "
+                     f"{1 - r['decoder_rows'] / twin['decoder_rows']:.0%} | {r['input_tok_s']:.0f} / "
+                     f"{twin['input_tok_s']:.0f} | {r['input_tok_s'] / twin['input_tok_s']:.2f}x | "
+                     f"{'yes' if r['outputs'] == twin['outputs'] else 'NO'} |")
+    return "\n".join(lines)
 
 
 def table(records: list[dict]) -> str:
@@ -147,30 +179,36 @@ def main() -> None:
     parser.add_argument("--eos-pull", type=float, default=6.5, help="Length of the eos row of lm_head.")
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--workdir", type=Path, default=None)
+    parser.add_argument("--checkpoint", type=Path, default=None,
+                        help="A trained Hugging Face translation model with heldout.src, instead of random weights.")
+    parser.add_argument("--block-size", type=int, default=64, help="Quantization block size of int8/int4.")
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args()
     if args.quick:
         args.batch, args.beams, args.sentences, args.batch1_sentences = "1,8", "1,2", 16, 4
         args.max_new_tokens, args.repeats = 16, 1
     from moerun.converter.convert import convert
-    from moerun.converter.quantize import QuantizeOptions
+    from moerun.converter.quantize import QuantizeOptions, quantize_model
 
     variants = args.variants.split(",")
     batches, beams_list = [int(b) for b in args.batch.split(",")], [int(b) for b in args.beams.split(",")]
     with tempfile.TemporaryDirectory(prefix="moerun-bt-") as tmp:
         root = args.workdir or Path(tmp)
         print("building the model and converting it", file=sys.stderr)
-        ckpt = build(root / "hf", QUICK if args.quick else SHAPE, args.eos_pull)
+        ckpt = args.checkpoint or build(root / "hf", QUICK if args.quick else SHAPE, args.eos_pull)
         dirs = {"hf": ckpt, "fp32": convert(ckpt, root / "fp32", overwrite=True).output}
         for bits in (8, 4):
             if any(v.startswith(f"int{bits}") for v in variants):
-                dirs[f"int{bits}"] = convert(ckpt, root / f"int{bits}", overwrite=True,
-                                             quantize=QuantizeOptions(bits=bits, block_size=64)).output
-        dirs["int4-noprune"] = dirs.get("int4")
+                options = QuantizeOptions(bits=bits, block_size=args.block_size)
+                dirs[f"int{bits}"] = quantize_model(dirs["fp32"], root / f"int{bits}", options, overwrite=True).output
+        for v in variants:
+            if v.endswith(NOPRUNE):
+                dirs[v] = dirs[v.removesuffix(NOPRUNE)]
         sizes = {v: sum(f.stat().st_size for f in dirs[v].iterdir() if f.suffix in (".onnx", ".safetensors")
                         or f.name.endswith(".onnx.data")) / 2**20 for v in variants}
         cfg = json.loads((ckpt / "config.json").read_text())
-        all_sents = sources(args.sentences, cfg["vocab_size"], cfg["eos_token_id"])
+        all_sents = (heldout_sources(ckpt, args.sentences) if args.checkpoint
+                     else sources(args.sentences, cfg["vocab_size"], cfg["eos_token_id"]))
         sent_files = {}
         for batch in batches:
             n = args.batch1_sentences if batch == 1 else args.sentences
@@ -197,16 +235,20 @@ def main() -> None:
             "decoder_rows": runs[0]["decoder_rows"], "agreement": sum(a == b for a, b in zip(outs, ref)) / len(outs),
             "peak_rss_mb": statistics.median(x["peak_rss_mb"] for x in runs), "model_mb": sizes[v],
             "runs": len(runs), "max_new_tokens": args.max_new_tokens, "threads": args.threads,
-            "output_lengths": [len(o) for o in outs],
+            "output_lengths": [len(o) for o in outs], "outputs": outs,
         })
     lengths = records[0]["output_lengths"]
     md = table(records)
+    if any(r["variant"].endswith(NOPRUNE) for r in records):
+        md += "\n\nBatch pruning (finished sentences leave the batch), each variant against itself without it:\n\n"
+        md += pruning_table(records)
     note = (f"\n\nOutput lengths (HF, batch {records[0]['batch']}, beam {records[0]['beams']}): min {min(lengths)}, "
             f"median {int(np.median(lengths))}, max {max(lengths)} of {args.max_new_tokens}.\n")
     print(md + note)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".md").write_text(md + note)
-    args.out.with_suffix(".json").write_text(json.dumps(records, indent=2) + "\n")
+    args.out.with_suffix(".json").write_text(json.dumps([{k: v for k, v in r.items() if k != "outputs"}
+                                                        for r in records], indent=2) + "\n")
 
 
 if __name__ == "__main__":
