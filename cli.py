@@ -291,7 +291,8 @@ def translate(model_dir: Path, src_lang: str | None, tgt_lang: str | None, beams
 @click.option("--max-queue", type=click.IntRange(min=1), default=64, show_default=True,
               help="Requests waiting for a slot; past it the server answers 503 with Retry-After.")
 @click.option("--max-len", type=click.IntRange(min=2), default=None,
-              help="Tokens per request, prompt + max_tokens (default: the model's max positions).")
+              help="Tokens per request, prompt + max_tokens (default: the model's max positions, at most "
+                   "4096; each slot's KV cache is allocated at start).")
 @click.option("--api-key", default=None, help="Require 'Authorization: Bearer KEY' on /v1/*.")
 @click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=600.0, show_default=True,
               help="Seconds a request may take from arrival to its last token.")

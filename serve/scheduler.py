@@ -22,6 +22,9 @@ __all__ = ["QueueFullError", "Request", "Scheduler"]
 log = logging.getLogger(__name__)
 
 PREFILL_TOKENS = 2048  # padded tokens in one prefill run of requests joining together
+# Slot length when --max-len is not given: the model's positions, at most this. Every slot holds max_len positions
+# of every layer's KV cache, allocated at start (Mixtral-8x7B at its 32k positions: 4.3 GB per slot in fp16).
+DEFAULT_MAX_LEN = 4096
 
 
 class QueueFullError(MoerunError):
@@ -70,7 +73,7 @@ class Scheduler:
         self.model = model
         if max_len and manifest.max_positions and max_len > manifest.max_positions:
             raise MoerunError(f"--max-len {max_len} is more than this model's {manifest.max_positions} positions")
-        self.max_len = max_len or manifest.max_positions or 4096
+        self.max_len = max_len or min(manifest.max_positions or DEFAULT_MAX_LEN, DEFAULT_MAX_LEN)
         self.engine = make_engine(model.runner, max_batch, self.max_len, model.pad_token_id)
         self.max_batch = self.engine.max_batch
         self.eos = set(manifest.eos_token_id)

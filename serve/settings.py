@@ -13,5 +13,5 @@ class ServeSettings:
     max_queue: int = 64  # requests waiting for a slot; past it 503 at once
     api_key: str | None = None  # when set, /v1/* needs "Authorization: Bearer <key>"
     timeout: float | None = 600.0  # seconds from arrival to the last token; past it the request ends (504)
-    max_len: int | None = None  # tokens per slot (prompt + max_tokens); None: the model's max_positions
+    max_len: int | None = None  # tokens per slot (prompt + max_tokens); None: the model's max_positions, at most 4096
     model_name: str | None = None  # the id clients send as "model"; None: the model directory's name

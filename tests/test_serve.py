@@ -105,6 +105,23 @@ def test_serving_imports_no_torch():
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
 
 
+def test_slot_length_defaults_to_the_model_capped_at_4096(model, monkeypatch):
+    """Every slot's KV cache is allocated at start: a 32k-position model must not reserve 32k positions per slot
+    unless asked (Mixtral-8x7B: 4.3 GB per slot in fp16)."""
+    from moerun.serve.scheduler import Scheduler
+
+    buffers = {}
+    for positions, asked, expected in ((512, None, 512), (32768, None, 4096), (32768, 300, 300)):
+        monkeypatch.setattr(model.manifest, "max_positions", positions)
+        scheduler = Scheduler(model, max_batch=1, max_queue=1, max_len=asked)
+        try:
+            assert scheduler.max_len == expected
+            buffers[positions, asked] = scheduler.engine.buffers[0].shape()[2]
+        finally:
+            scheduler.close()
+    assert buffers == {(512, None): 512, (32768, None): 4096, (32768, 300): 300}
+
+
 def test_prefill_into_slot_leaves_other_slots_untouched(model):
     from moerun.serve.engine import SlotEngine
 
