@@ -18,7 +18,6 @@ Measured (DESIGN.md): genai 0.18 refuses ``model.type`` "mixtral"; "decoder" is 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -133,11 +132,10 @@ def genai_config(model_dir: str | Path) -> dict:
     return {"model": model, "search": _search_defaults(generation, context, manifest.fused_attention)}
 
 
-def _link_or_copy(source: Path, target: Path) -> None:
-    try:
-        os.link(source, target)  # weights: no second copy on the same file system
-    except OSError:
-        shutil.copy2(source, target)
+def _copy(source: Path, target: Path) -> None:
+    # A copy, not a hard link: onnx refuses external data whose file has more than one link (its hard-link-attack
+    # check, measured with onnx 1.2x), so a link would break onnx.load of both the source and the deployed model.
+    shutil.copy2(source, target)
 
 
 def _genai_tokenizer_config(model_dir: Path, staging: Path) -> None:
@@ -156,7 +154,7 @@ def _genai_tokenizer_config(model_dir: Path, staging: Path) -> None:
 
 
 def export_genai_dir(model_dir: str | Path, output: str | Path, overwrite: bool = False) -> Path:
-    """OUTPUT: the graph (+ external data, hard-linked where possible), genai_config.json and the tokenizer files."""
+    """OUTPUT: the graph (+ its external data, copied), genai_config.json and the tokenizer files."""
     from ..converter.output import check_output, staged_directory
 
     model_dir, output = Path(model_dir), Path(output)
@@ -167,7 +165,7 @@ def export_genai_dir(model_dir: str | Path, output: str | Path, overwrite: bool 
     manifest = Manifest.load(model_dir)
     with staged_directory(output, overwrite) as staging:
         for path in sorted(model_dir.glob(f"{manifest.model_file}*")):  # model.onnx, model.onnx.data
-            _link_or_copy(path, staging / path.name)
+            _copy(path, staging / path.name)
         for name in _TOKENIZER_FILES:
             if (model_dir / name).is_file():
                 shutil.copy2(model_dir / name, staging / name)

@@ -26,7 +26,6 @@ state, present fed back as past) with ONNX Runtime against moerun's own generati
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 from pathlib import Path
@@ -164,11 +163,10 @@ def build_configs(model_dir: str | Path, name: str | None = None, threads: int |
     return configs
 
 
-def _link_or_copy(source: Path, target: Path) -> None:
-    try:
-        os.link(source, target)
-    except OSError:
-        shutil.copy2(source, target)
+def _copy(source: Path, target: Path) -> None:
+    # A copy, not a hard link: onnx refuses external data whose file has more than one link (its hard-link-attack
+    # check, measured with onnx 1.2x), so a link would break onnx.load of both the source and the deployed model.
+    shutil.copy2(source, target)
 
 
 def export_triton(model_dir: str | Path, output: str | Path, name: str | None = None, overwrite: bool = False,
@@ -189,9 +187,9 @@ def export_triton(model_dir: str | Path, output: str | Path, name: str | None = 
             version.mkdir(parents=True)
             (staging / triton_name / "config.pbtxt").write_text(text_format.MessageToString(config))
             # model.onnx is the backend's default file name; its external data keeps the name the graph records
-            _link_or_copy(model_dir / graph_file, version / "model.onnx")
+            _copy(model_dir / graph_file, version / "model.onnx")
             for data in _external_files(model_dir / graph_file):
-                _link_or_copy(model_dir / data, version / data)
+                _copy(model_dir / data, version / data)
     return output
 
 
