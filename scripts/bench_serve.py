@@ -124,14 +124,38 @@ async def load(base: str, name: str, clients: int, requests: int, prompts: list[
             "ttft_p99_s": float(np.percentile(ttft, 99))}
 
 
+def batch_counters(base: str) -> dict[str, float]:
+    """The server's own histogram sums and counts (/metrics): decode steps and prefill runs, with the requests in
+    them."""
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    wanted = {"moerun_batch_size_sum", "moerun_batch_size_count", "moerun_prefill_batch_size_sum",
+              "moerun_prefill_batch_size_count"}
+    text = httpx.get(f"{base}/metrics", timeout=10).text
+    return {s.name: s.value for family in text_string_to_metric_families(text) for s in family.samples
+            if s.name in wanted}
+
+
+def batching(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    """Mean requests per decode step and per prefill run over one load (the counters' differences)."""
+    def mean(name: str) -> float:
+        count = after[f"{name}_count"] - before[f"{name}_count"]
+        return (after[f"{name}_sum"] - before[f"{name}_sum"]) / count if count else 0.0
+
+    return {"mean_decode_batch": mean("moerun_batch_size"), "mean_prefill_batch": mean("moerun_prefill_batch_size"),
+            "prefill_runs": int(after["moerun_prefill_batch_size_count"] - before["moerun_prefill_batch_size_count"])}
+
+
 def markdown(records: list[dict]) -> str:
     lines = ["| clients | mode | output tok/s | vs one at a time | p50 latency s | p99 latency s | p50 TTFT s | "
-             "p99 TTFT s | requests |", "|---|---|---|---|---|---|---|---|---|"]
+             "p99 TTFT s | requests | prefill runs | mean decode batch |", "|---" * 11 + "|"]
     base = {r["clients"]: r["tokens_per_s"] for r in records if r["mode"] == "one at a time"}
     for r in records:
         lines.append(f"| {r['clients']} | {r['mode']} | {r['tokens_per_s']:.0f} | "
                      f"{r['tokens_per_s'] / base[r['clients']]:.2f}x | {r['latency_p50_s']:.2f} | "
-                     f"{r['latency_p99_s']:.2f} | {r['ttft_p50_s']:.3f} | {r['ttft_p99_s']:.3f} | {r['requests']} |")
+                     f"{r['latency_p99_s']:.2f} | {r['ttft_p50_s']:.3f} | {r['ttft_p99_s']:.3f} | {r['requests']} | "
+                     f"{r.get('prefill_runs', '')} | {r.get('mean_decode_batch', 0):.1f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -200,7 +224,9 @@ def main() -> None:
             order = list(bases.items())[:: 1 if i % 2 == 0 else -1]  # which goes first alternates
             for mode, base in order:  # side by side: the same load on each, one after the other
                 requests = max(8, 2 * n)
+                before = batch_counters(base)
                 record = {"mode": mode, **asyncio.run(load(base, model.name, n, requests, prompts, args.new_tokens))}
+                record.update(batching(before, batch_counters(base)))
                 print(json.dumps(record), flush=True)
                 records.append(record)
     meta = {"model": "Mixtral bench shape (hidden 1024, 8 experts top-2, 4 layers, vocab 8000), int4 experts",

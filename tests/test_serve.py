@@ -428,3 +428,34 @@ def test_translations_endpoint_answers_as_translate_alone(seq2seq_converted, tmp
                        timeout=30)
         assert r.status_code == 400 and "language" in r.json()["error"]["message"]
         assert httpx.get(f"{base}/health", timeout=10).json()["batching"] == "one at a time"
+
+
+def test_requests_arriving_close_together_are_prefilled_together(model, monkeypatch):
+    """A prefill run reads every expert whatever its row count, so the scheduler keeps admitting while arrivals
+    follow each other closely. Requests 20 ms apart (the gap widened so that a loaded machine cannot split them)
+    are prefilled in one run, and each still gets what it gets alone."""
+    from moerun.runtime.generation import SamplingConfig
+    from moerun.serve import scheduler as sched
+
+    monkeypatch.setattr(sched, "JOIN_GAP", 0.5)
+    monkeypatch.setattr(sched, "JOIN_WINDOW", 3.0)
+    scheduler = sched.Scheduler(model, max_batch=4, max_queue=8, max_len=64)
+    prompts = [model.tokenizer.encode(p) for p in PROMPTS[:4]]
+    outputs, done = {i: [] for i in range(4)}, threading.Semaphore(0)
+
+    def emit(i):
+        return lambda kind, value: outputs[i].append(value) if kind == "token" else done.release()
+
+    try:
+        for i, prompt in enumerate(prompts):
+            scheduler.submit(sched.Request(prompt, 6, SamplingConfig(), emit(i)))
+            time.sleep(0.02)
+        for _ in prompts:
+            assert done.acquire(timeout=60)
+    finally:
+        scheduler.close()
+    runs = scheduler.metrics.prefill_size.collect()[0].samples
+    count = next(s.value for s in runs if s.name.endswith("_count"))
+    assert count == 1, f"{count} prefill runs for 4 requests arriving 20 ms apart"
+    for i, prompt in enumerate(prompts):
+        assert outputs[i] == model.generate_ids([prompt], max_new_tokens=6)[0]
