@@ -31,8 +31,9 @@ from pathlib import Path
 
 import numpy as np
 
-VARIANTS = ("hf", "fp32", "int8", "int4", "int4-noprune")
+VARIANTS = ("hf", "fp32", "int8", "int4", "int4-noprune", "int8-dense", "int4-dense")
 NOPRUNE = "-noprune"  # the variant without batch pruning (same model files)
+DENSE = "-dense"  # experts and the dense MatMuls (attention, feed-forwards, lm_head) quantized at the same bits
 SHAPE = dict(vocab_size=8000, d_model=512, d_ff=2048, d_kv=64, num_heads=8, num_layers=6, num_decoder_layers=3,
              num_experts=32, encoder_sparse_step=2, decoder_sparse_step=2, expert_capacity=10**6,
              decoder_start_token_id=0, pad_token_id=0, eos_token_id=1, initializer_factor=1.0)
@@ -198,9 +199,10 @@ def main() -> None:
         ckpt = args.checkpoint or build(root / "hf", QUICK if args.quick else SHAPE, args.eos_pull)
         dirs = {"hf": ckpt, "fp32": convert(ckpt, root / "fp32", overwrite=True).output}
         for bits in (8, 4):
-            if any(v.startswith(f"int{bits}") for v in variants):
-                options = QuantizeOptions(bits=bits, block_size=args.block_size)
-                dirs[f"int{bits}"] = quantize_model(dirs["fp32"], root / f"int{bits}", options, overwrite=True).output
+            for name, dense in ((f"int{bits}", "none"), (f"int{bits}{DENSE}", f"int{bits}")):
+                if name in variants or f"{name}{NOPRUNE}" in variants:
+                    options = QuantizeOptions(bits=bits, block_size=args.block_size, dense=dense)
+                    dirs[name] = quantize_model(dirs["fp32"], root / name, options, overwrite=True).output
         for v in variants:
             if v.endswith(NOPRUNE):
                 dirs[v] = dirs[v.removesuffix(NOPRUNE)]

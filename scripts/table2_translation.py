@@ -1,6 +1,7 @@
 """The paper's Table 2 on this machine: BLEU and chrF of fp32, int8 and int4 experts on a trained translation MoE.
 
     python scripts/table2_translation.py --out docs/translation_quality          # ~10 min on 2 cores
+    python scripts/table2_translation.py --dense --out docs/translation_quality_dense  # + dense MatMuls quantized
 
 The model is the committed fixture tests/fixtures/tiny-translation-moe (scripts/train_translation_moe.py): a
 small Switch Transformers trained here on standard-library docstrings -> a rule-based target language, with
@@ -67,13 +68,16 @@ def moerun_translate(model_dir: Path, sources: list[str], beams: int, batch: int
     return out
 
 
-def build_variants(fixture: Path, root: Path, quant) -> dict[str, Path]:
+def build_variants(fixture: Path, root: Path, quant, dense: bool = False) -> dict[str, Path]:
+    """fp32 and each quantized setting; ``dense``: the attention and feed-forward MatMuls and lm_head quantized too,
+    at the experts' bits (`moerun quantize --dense intN`)."""
     from moerun.converter.convert import convert
     from moerun.converter.quantize import QuantizeOptions, quantize_model
 
     dirs = {"fp32": convert(fixture, root / "fp32", overwrite=True).output}
     for bits, block, method in quant:  # as `moerun quantize` does it: from the fp32 export
-        options = QuantizeOptions(bits=bits, block_size=block, method=method)
+        options = QuantizeOptions(bits=bits, block_size=block, method=method,
+                                  dense=f"int{bits}" if dense else "none")
         dirs[options.label] = quantize_model(dirs["fp32"], root / options.label, options, overwrite=True).output
     return dirs
 
@@ -102,14 +106,16 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--quick", action="store_true", help="64 sentences, two quantized variants.")
+    parser.add_argument("--dense", action="store_true", help="The default int8 and int4 with the dense MatMuls "
+                        "quantized at the same bits (the paper quantized experts only).")
     args = parser.parse_args()
-    quant = QUANT[:1] + QUANT[4:5] if args.quick else QUANT
+    quant = QUANT[:1] + QUANT[4:5] if args.quick or args.dense else QUANT
     sources, refs = read_pairs(args.fixture, 64 if args.quick else args.sentences)
     beams_list = [int(b) for b in args.beams.split(",")]
     records = []
     with tempfile.TemporaryDirectory(prefix="moerun-t2-") as tmp:
         print("converting fp32 and the quantized variants", file=sys.stderr)
-        dirs = build_variants(args.fixture, Path(tmp), quant)
+        dirs = build_variants(args.fixture, Path(tmp), quant, args.dense)
         for beams in beams_list:
             outputs = {}
             for variant in ["hf", *dirs]:
