@@ -45,6 +45,7 @@ from .output import (
     staged_directory,
 )
 from .passes import BindWeights, CheckFusedMoE, FoldWeightTransposes, OrtFusions, PinIrVersion, ToFloat16
+from .passes.check_fused import recurrent_scans
 from .quantize import QuantizeOptions, apply_quantization
 from .recurrent import DecoderWithState
 from .sources import Checkpoint, open_checkpoint
@@ -192,9 +193,10 @@ def export_graphs(checkpoint: Checkpoint, adapter, dtype: str, fusions: bool) ->
         moe_layers = {"model.onnx": moe}
     fusion_counts: dict[str, int] = {}
     names: list[str] = []
+    scans = recurrent_scans(state_layers(adapter.layer_types(config), adapter.state_shapes(config)))
     for name, model in graphs.items():
         passes = [FoldWeightTransposes()] + ([OrtFusions()] if fusions else [])
-        passes += [PinIrVersion(), CheckFusedMoE(moe_layers[name])]
+        passes += [PinIrVersion(), CheckFusedMoE(moe_layers[name], scans)]
         for p in passes:
             model = p(model).model
         graphs[name] = model

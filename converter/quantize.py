@@ -14,6 +14,7 @@ from ..runtime import Manifest
 from ..runtime.errors import ModelDirError, MoerunError
 from .output import check_output, copy_side_files, save_model, staged_directory
 from .passes import CheckFusedMoE, PinIrVersion, QuantizeDense, QuantizeExperts, ToFloat16
+from .passes.check_fused import recurrent_scans
 
 __all__ = ["BLOCK_SIZES", "DENSE", "QuantizeOptions", "QuantizeResult", "quantize_model", "quantize_passes"]
 
@@ -77,16 +78,17 @@ class QuantizeResult:
 
 
 def quantize_passes(options: QuantizeOptions, moe_layers: int, fp16_pass: bool = True,
-                    layers: list[dict] | None = None) -> list[ir.passes.PassBase]:
+                    layers: list[dict] | None = None, scans: int = 0) -> list[ir.passes.PassBase]:
     """The passes of ``options``; ``fp16_pass`` False: the graph was already traced in fp16. ``layers``
-    collects each MoE layer's weight error as the experts are quantized."""
+    collects each MoE layer's weight error as the experts are quantized. ``scans``: the recurrent layers' Scan
+    nodes the graph holds by design."""
     passes: list[ir.passes.PassBase] = [QuantizeExperts(options.spec, options.accuracy_level, layers)]
     if options.dense != "none":
         passes.append(QuantizeDense(bits=8 if options.dense == "int8" else 4, block_size=32,
                                     accuracy_level=options.accuracy_level))
     if options.fp16 and fp16_pass:
         passes.append(ToFloat16())
-    return passes + [PinIrVersion(), CheckFusedMoE(moe_layers)]
+    return passes + [PinIrVersion(), CheckFusedMoE(moe_layers, scans)]
 
 
 def apply_quantization(graphs: dict[str, ir.Model], manifest: Manifest, options: QuantizeOptions,
@@ -100,7 +102,8 @@ def apply_quantization(graphs: dict[str, ir.Model], manifest: Manifest, options:
     record = {**asdict(options), "label": options.label, "layers": []}
     out = {}
     for name, model in graphs.items():
-        passes = quantize_passes(options, expected[name], fp16_pass, record["layers"])
+        passes = quantize_passes(options, expected[name], fp16_pass, record["layers"],
+                                 recurrent_scans(manifest.state_layers()))
         for p in passes:
             model = p(model).model
         out[name] = model

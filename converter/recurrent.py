@@ -17,7 +17,7 @@ from transformers import DynamicCache
 
 from ..runtime.manifest import state_layers
 
-__all__ = ["DecoderWithState", "StateStep"]
+__all__ = ["DecoderWithState", "StateStep", "hold_on_padding"]
 
 
 @dataclass
@@ -35,6 +35,29 @@ class StateStep:
         """(batch, seq, 1) in the hidden states' dtype: 1 on real tokens of this forward, 0 on padding."""
         seq = hidden_states.shape[1]
         return self.attention_mask[:, -seq:, None].to(hidden_states.dtype)
+
+    def new_tokens(self, seq: int) -> torch.Tensor:
+        """(batch, seq) bool: True on the real tokens of this forward's ``seq`` new positions. (narrow, not a slice:
+        its length is ``seq`` by construction, which torch.export needs to scan it beside the tokens.)"""
+        return self.attention_mask.narrow(1, self.attention_mask.shape[1] - seq, seq) != 0
+
+    def conv_state(self, window: torch.Tensor, width: int) -> torch.Tensor:
+        """A causal convolution's present state from its window [past (width) | new inputs (seq)] (batch, channels,
+        width + seq): the ``width`` columns ending at each row's last real input. With left padding (moerun's) that
+        is the window's last columns; with right padding (onnxruntime-genai's batches) the window ends in padding,
+        which must not displace the prompt's last inputs. A row whose new positions are all padding keeps its past.
+        Integer column arithmetic, so that the index stays exact in fp16 graphs."""
+        seq = window.shape[-1] - width
+        columns = torch.arange(width, width + seq, device=window.device)
+        last = torch.where(self.new_tokens(seq), columns, width - 1).amax(-1)  # (batch,): the last real column
+        index = last[:, None] + torch.arange(1 - width, 1, device=window.device)  # (batch, width)
+        return window.gather(2, index[:, None, :].expand(-1, window.shape[1], -1))
+
+
+def hold_on_padding(real: torch.Tensor, new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
+    """One scan step's state: ``new`` on rows whose token is real, ``old`` on padding (real: (batch,) bool), so that
+    padding after a prompt (right padding) neither decays nor updates the recurrent state."""
+    return torch.where(real.reshape(-1, *[1] * (new.dim() - 1)), new, old)
 
 
 class DecoderWithState(nn.Module):

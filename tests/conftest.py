@@ -81,6 +81,22 @@ def tiny_moe_converted(tiny_moe_fixture, tmp_path_factory) -> Path:
     return convert(tiny_moe_fixture, tmp_path_factory.mktemp("tiny-moe-onnx") / "tiny-moe").output
 
 
+@pytest.fixture(scope="session")
+def lfm2_moe_exports(tmp_path_factory) -> dict[str, Path]:
+    """The tiny seeded LFM2-MoE of tests/test_hybrid_families.py saved ("ckpt"), converted ("fp32") and quantized
+    ("int4", block 16): shared by its parity tests and the genai deploy test (the export takes ~40 s); read-only."""
+    from test_hybrid_families import build
+
+    from moerun.converter.convert import convert
+    from moerun.converter.quantize import QuantizeOptions, quantize_model
+
+    root = tmp_path_factory.mktemp("lfm2_moe")
+    build().save_pretrained(root / "ckpt")
+    fp32 = convert(root / "ckpt", root / "fp32").output
+    int4 = quantize_model(fp32, root / "int4", QuantizeOptions(bits=4, block_size=16)).output
+    return {"ckpt": root / "ckpt", "fp32": fp32, "int4": int4}
+
+
 def hf_logits_prefill_and_steps(hf, ids, mask, pos, split: int, steps: int = 2):
     """Oracle logits from PyTorch: the full prefill, and `steps` one-token decode steps after `split`."""
     t = {k: torch.from_numpy(v) for k, v in dict(input_ids=ids, attention_mask=mask, position_ids=pos).items()}
@@ -119,17 +135,19 @@ def assert_matches_pytorch(hf, onnx, tol: float = 1e-4, seed: int = 1, steps: in
     return worst
 
 
-def assert_experts_only_in_fused_nodes(fp32: Path, int4: Path, sparse: int, skip=lambda name: False) -> None:
+def assert_experts_only_in_fused_nodes(fp32: Path, int4: Path, sparse: int, skip=lambda name: False,
+                                        scans: int = 0) -> None:
     """One MoE (fp32) / QMoE (int4) node per sparse block, no control flow, and every 3-D expert weight feeds the
     fused node and nothing else: no per-expert subgraph, no gathers of expert matrices (TopK may appear in
-    routing). ``skip`` names 3-D initializers that are not MoE experts (JetMoE's attention experts)."""
+    routing). ``skip`` names 3-D initializers that are not MoE experts (JetMoE's attention experts). ``scans``: the
+    Scan nodes a hybrid graph holds by design (one time scan per recurrent layer), the only control flow allowed."""
     import onnx
 
     for path, op in ((fp32, "MoE"), (int4, "QMoE")):
         graph = onnx.load(path / "model.onnx").graph
         ops = [n.op_type for n in graph.node]
         assert ops.count(op) == sparse
-        assert not {"Loop", "If", "NonZero", "Scan"} & set(ops)
+        assert not {"Loop", "If", "NonZero"} & set(ops) and ops.count("Scan") == scans
         experts = {i.name for i in graph.initializer if len(i.dims) == 3 and not skip(i.name)}
         assert experts and all(n.op_type == op for n in graph.node if experts & set(n.input))
 

@@ -50,14 +50,6 @@ FAMILIES = {
         kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16)),
 }
 
-NOT_EXPORTABLE = {
-    "Qwen3NextForCausalLM": ("Qwen3NextConfig", dict(
-        intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=2, num_key_value_heads=2, head_dim=16,
-        num_experts=4, num_experts_per_tok=2, linear_num_value_heads=4, linear_num_key_heads=2,
-        linear_key_head_dim=16, linear_value_head_dim=16, layer_types=["linear_attention", "full_attention"],
-        shared_expert_intermediate_size=32), "recurrent state"),
-}
-
 # The module class of each family's sparse block, counted from the PyTorch model (the oracle).
 SPARSE_BLOCKS = ("SparseMoeBlock", "GraniteMoeMoE", "GraniteMoeSharedMoE", "GptOssMLP", "DeepseekV3MoE",
                  "DeepseekV2Moe")
@@ -143,18 +135,3 @@ def test_inspect_strict_passes_on_every_family(family):
 def test_int4_agrees_with_fp32_as_measured(family):
     name, hf, fp32, int4 = family
     assert_int4_agrees(name, hf.config.vocab_size, fp32, int4, INT4_AGREEMENT[name])
-
-
-@pytest.mark.parametrize("architecture", list(NOT_EXPORTABLE))
-def test_families_that_cannot_export_say_why(architecture, tmp_path):
-    from moerun.converter.convert import convert
-    from moerun.runtime.errors import UnsupportedModelError
-
-    config_class, params, reason = NOT_EXPORTABLE[architecture]
-    config = getattr(transformers, config_class)(**COMMON, **params)
-    config.architectures = [architecture]
-    torch.manual_seed(0)
-    getattr(transformers, architecture)(config).save_pretrained(tmp_path / "ckpt")
-    with pytest.raises(UnsupportedModelError, match=reason):
-        convert(tmp_path / "ckpt", tmp_path / "out")
-    assert not (tmp_path / "out").exists()

@@ -42,16 +42,9 @@ def build(seed: int = 0):
 
 
 @pytest.fixture(scope="module")
-def lfm2(tmp_path_factory):
-    from moerun.converter.convert import convert
-    from moerun.converter.quantize import QuantizeOptions, quantize_model
-
-    root = tmp_path_factory.mktemp("lfm2_moe")
-    build().save_pretrained(root / "ckpt")
-    fp32 = convert(root / "ckpt", root / "fp32").output
-    quantize_model(fp32, root / "int4", QuantizeOptions(bits=4, block_size=16))
-    hf = transformers.AutoModelForCausalLM.from_pretrained(root / "ckpt").eval()
-    return hf, fp32, root / "int4"
+def lfm2(lfm2_moe_exports):
+    hf = transformers.AutoModelForCausalLM.from_pretrained(lfm2_moe_exports["ckpt"]).eval()
+    return hf, lfm2_moe_exports["fp32"], lfm2_moe_exports["int4"]
 
 
 def _state(presents: list, model: MoEModel, layer: int) -> np.ndarray:
@@ -90,6 +83,17 @@ def test_logits_match_pytorch(lfm2):
     worst = max(worst, float(np.abs(chunk - full[:, 6:9])[valid[:, 6:9]].max()))
     print(f"\nLFM2-MoE: max |Δlogits| {worst:.1e}")
     assert worst < 1e-4
+
+
+def test_right_padded_batch_matches_each_prompt_alone(lfm2):
+    """onnxruntime-genai's batches: right-padded prompts (one shorter than the state), then 2 decode steps at each
+    row's own length; logits and convolution states as each prompt alone gives them."""
+    from right_padded import right_padded_vs_alone
+
+    hf, fp32, _ = lfm2
+    logits, state = right_padded_vs_alone(fp32, sample_prompts(hf.config.vocab_size, seed=7, lengths=(9, 1, 5)))
+    print(f"\nLFM2-MoE right-padded vs alone: max |Δlogits| {logits:.1e}, max |Δstate| {state:.1e}")
+    assert logits < 1e-5 and state < 1e-5
 
 
 def test_expert_bias_comes_from_the_checkpoint(lfm2):
@@ -145,7 +149,7 @@ def test_greedy_matches_generate(lfm2):
     model.manifest.eos_token_id = []
     expected = hf_greedy(hf, prompts, 16)
     assert model.generate_ids(prompts, max_new_tokens=16) == expected
-    # one at a time, as the server's one-request engine runs it: the same tokens
+    # each prompt alone: the same tokens
     assert [model.generate_ids([p], max_new_tokens=16)[0] for p in prompts] == expected
 
 
@@ -182,15 +186,16 @@ def test_int4_agrees_with_fp32_as_measured(lfm2):
     assert free >= INT4_AGREEMENT[1] - FREE_RUNNING_MARGIN, figures
 
 
-def test_server_runs_stateful_models_one_at_a_time(lfm2):
+def test_server_batches_stateful_models_statically(lfm2):
     """Continuous batching shares slot rows of KV buffers, which hold no convolution state: a stateful model gets
-    the one-request engine, whatever its attention."""
-    from moerun.serve.engine import SingleEngine, make_engine
+    the static-batching engine (the runner's own step loop carries the states), whatever its attention
+    (tests/test_serve.py serves it)."""
+    from moerun.serve.engine import GroupEngine, make_engine
 
     _, fp32, _ = lfm2
     model = MoEModel.load(fp32, provider="cpu")
     model.manifest.attention = "gqa"  # even were its attention fused
-    assert isinstance(make_engine(model.runner, 4, 64, 0), SingleEngine)
+    assert isinstance(make_engine(model.runner, 4, 64, 0), GroupEngine)
 
 
 def test_manifest_with_mismatched_layer_types_is_refused(lfm2, tmp_path):
@@ -211,21 +216,19 @@ def test_manifest_with_mismatched_layer_types_is_refused(lfm2, tmp_path):
         MoEModel.load(tmp_path / "m", provider="cpu")
 
 
-def test_deploy_targets_refuse_stateful_models(lfm2, tmp_path):
-    """genai's hybrid settings and Triton's implicit state for past.{i}.conv are not written yet: each says so."""
-    from moerun.deploy.genai import export_genai_dir
+def test_deploy_targets_for_stateful_models(lfm2, tmp_path):
+    """Triton's implicit state for past.{i}.conv is not written yet: it says so. genai carries the states itself
+    (tests/test_deploy.py runs it)."""
     from moerun.deploy.inspect import inspect_model
     from moerun.deploy.triton import export_triton
     from moerun.runtime.errors import MoerunError
 
     _, fp32, _ = lfm2
     with pytest.raises(MoerunError, match=r"recurrent state \(conv\)"):
-        export_genai_dir(fp32, tmp_path / "genai")
-    with pytest.raises(MoerunError, match=r"recurrent state \(conv\)"):
         export_triton(fp32, tmp_path / "triton")
-    assert not (tmp_path / "genai").exists() and not (tmp_path / "triton").exists()
+    assert not (tmp_path / "triton").exists()
     targets = inspect_model(fp32).deploy_targets
-    assert targets["genai"].startswith("no: layers with recurrent state") and targets["triton"].startswith("no: ")
+    assert targets["genai"].startswith("ready") and targets["triton"].startswith("no: ")
 
 
 def test_manifest_states_without_layer_types_are_refused(lfm2, tmp_path):

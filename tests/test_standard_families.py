@@ -142,31 +142,6 @@ def test_int4_agrees_with_fp32_as_measured(family):
     assert_int4_agrees(name, hf.config.vocab_size, fp32, int4, INT4_AGREEMENT[name])
 
 
-# Hybrid families refused with the reason, until the decoder I/O carries recurrent state.
-REFUSED = {
-    "Qwen3_5MoeForCausalLM": ("Qwen3_5MoeTextConfig", dict(
-        intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=2, head_dim=16, num_experts=4,
-        num_experts_per_tok=2, linear_num_value_heads=4, linear_num_key_heads=2, linear_key_head_dim=16,
-        linear_value_head_dim=16, layer_types=["linear_attention", "full_attention"],
-        shared_expert_intermediate_size=32), "recurrent state"),
-}
-
-
-@pytest.mark.parametrize("architecture", list(REFUSED))
-def test_hybrid_families_say_why(architecture, tmp_path):
-    from moerun.converter.convert import convert
-    from moerun.runtime.errors import UnsupportedModelError
-
-    config_class, params, reason = REFUSED[architecture]
-    config = getattr(transformers, config_class)(**COMMON | params)
-    config.architectures = [architecture]
-    torch.manual_seed(0)
-    getattr(transformers, architecture)(config).save_pretrained(tmp_path / "ckpt")
-    with pytest.raises(UnsupportedModelError, match=reason):
-        convert(tmp_path / "ckpt", tmp_path / "out")
-    assert not (tmp_path / "out").exists()
-
-
 def test_experts_the_op_cannot_compute_are_refused(tmp_path):
     """Standard experts with a gate activation other than silu, or their own gate function, say why;
     `convert` then leaves nothing on disk."""

@@ -26,9 +26,10 @@ class StatefulShortConv(nn.Module):
     transformers pads the prefill's convolution with zeros and, decoding, concatenates its cached inputs
     (``causal_conv1d_update``): both are [past state | new inputs] convolved without padding, the state
     being zeros at prefill. Of the L inputs transformers caches, the first never reaches an output (the
-    kernel sees the last L - 1 and the new token), so the state here is the last L - 1, as
-    onnxruntime-genai's LFM2 keeps it. Written by hand: transformers' module branches on the sequence
-    length and updates its cache in place, which a graph with a dynamic sequence cannot follow.
+    kernel sees the last L - 1 and the new token), so the state here is the last L - 1 real ones (right padding
+    skipped: ``StateStep.conv_state``), as onnxruntime-genai's LFM2 keeps it. Written by hand: transformers'
+    module branches on the sequence length and updates its cache in place, which a graph with a dynamic
+    sequence cannot follow.
     """
 
     def __init__(self, conv: nn.Module, step: StateStep) -> None:
@@ -44,7 +45,7 @@ class StatefulShortConv(nn.Module):
         hidden_states = hidden_states * s.new_tokens_mask(hidden_states)  # padding never reaches the state
         b, c, x = self.in_proj(hidden_states).transpose(-1, -2).chunk(3, dim=-2)
         window = torch.cat([s.past[self.layer_idx]["conv"], b * x], dim=-1)  # (batch, hidden, L - 1 + seq)
-        s.present[self.layer_idx] = {"conv": window[:, :, window.shape[-1] - self.width:]}
+        s.present[self.layer_idx] = {"conv": s.conv_state(window, self.width)}
         out = F.conv1d(window, self.conv.weight, self.conv.bias, groups=self.conv.groups)[:, :, -seq:]
         return self.out_proj((c * out).transpose(-1, -2).contiguous())
 
