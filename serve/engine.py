@@ -2,8 +2,8 @@
 
 Two engines with one interface. ``SlotEngine`` (fused-attention graphs, GroupQueryAttention) holds the KV cache
 of every request in preallocated slot rows, so requests join and leave a running batch without copying caches.
-``SingleEngine`` (traced-attention graphs, whose presents grow by concatenation and cannot share slot buffers)
-runs one request at a time.
+``GroupEngine`` (traced-attention graphs, whose presents grow by concatenation and cannot share slot buffers, and
+hybrid graphs with recurrent state) runs the requests that arrive together as one batch; later ones wait for it.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import onnxruntime as ort
 from ..runtime.buffers import bind_host_output
 from ..runtime.generation import DecoderRunner, GenerationStats, right_pad
 
-__all__ = ["SingleEngine", "SlotEngine", "make_engine"]
+__all__ = ["GroupEngine", "SlotEngine", "make_engine"]
 
 
 class SlotEngine:
@@ -30,6 +30,7 @@ class SlotEngine:
     """
 
     batching = "continuous"
+    joins_running = True
 
     def __init__(self, runner: DecoderRunner, max_batch: int, max_len: int, pad_token_id: int) -> None:
         self.runner, self.max_batch, self.max_len, self.pad = runner, max_batch, max_len, pad_token_id
@@ -89,31 +90,41 @@ class SlotEngine:
         self.lengths[slot] = 0
 
 
-class SingleEngine:
-    """One request at a time on a traced-attention decoder (its KV cache grows by concatenation): the runner's
-    own step loop, fed one token at a time."""
+class GroupEngine:
+    """Static batching on traced-attention and recurrent-state decoders: the requests admitted together (the
+    scheduler admits only while nothing runs: ``joins_running`` False) are left-padded into one batch and run by the
+    runner's own step loop, which carries the KV cache and any recurrent states; finished rows ride along fed a pad
+    token (their logits are not read) until the last request of the group ends."""
 
-    batching = "one at a time"
+    batching = "static: requests arriving together share a batch"
+    joins_running = False
 
-    def __init__(self, runner: DecoderRunner, pad_token_id: int) -> None:
-        self.runner, self.max_batch, self.pad = runner, 1, pad_token_id
-        self._steps = None
+    def __init__(self, runner: DecoderRunner, max_batch: int, pad_token_id: int) -> None:
+        self.runner, self.max_batch, self.pad = runner, max_batch, pad_token_id
+        self._steps, self._rows, self._busy = None, 0, set()
 
     def prefill(self, first: int, prompts: list[list[int]], max_tokens: list[int]) -> np.ndarray:
-        self._steps = self.runner._traced_steps(prompts, self.pad, max_tokens[0], GenerationStats())
+        assert first == 0 and self._steps is None, "a group starts on an idle engine"
+        self._steps = self.runner._traced_steps(prompts, self.pad, max(max_tokens), GenerationStats())
+        self._rows, self._busy = len(prompts), set(range(len(prompts)))
         return next(self._steps)
 
     def decode(self, tokens: dict[int, int]) -> np.ndarray:
-        return self._steps.send(np.asarray([[tokens[0]]], dtype=np.int64))
+        ids = np.full((self._rows, 1), self.pad, dtype=np.int64)
+        for slot, token in tokens.items():
+            ids[slot, 0] = token
+        return self._steps.send(ids)
 
     def release(self, slot: int) -> None:
-        if self._steps is not None:
+        self._busy.discard(slot)
+        if not self._busy and self._steps is not None:
             self._steps.close()
-        self._steps = None
+            self._steps = None
 
 
 def make_engine(runner: DecoderRunner, max_batch: int, max_len: int, pad_token_id: int):
-    """SlotEngine for fused-attention graphs, SingleEngine (one request at a time) for traced ones."""
-    if runner.manifest.fused_attention and not runner.manifest.states:  # slot rows hold KV only, not states
+    """SlotEngine (continuous batching) for fused-attention graphs, GroupEngine (static batching) for traced ones
+    and for graphs with recurrent state (slot rows hold KV caches only)."""
+    if runner.manifest.fused_attention and not runner.manifest.states:
         return SlotEngine(runner, max_batch, max_len, pad_token_id)
-    return SingleEngine(runner, pad_token_id)
+    return GroupEngine(runner, max_batch, pad_token_id)

@@ -86,6 +86,7 @@ class Scheduler:
         self.metrics = metrics or ServeMetrics()
         self._queue: queue.Queue[Request] = queue.Queue(maxsize=max_queue)
         self._running: dict[int, _Running] = {}
+        self._held: Request | None = None  # taken from the queue, waiting for the next group (GroupEngine)
         self._closed = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="moerun-scheduler", daemon=True)
         self._thread.start()
@@ -124,16 +125,24 @@ class Scheduler:
                 self._step()
         for slot in list(self._running):
             self._finish(slot, "cancelled")
+        if self._held is not None:
+            _tell(self._held, "finish", "cancelled")
         while not self._queue.empty():
             _tell(self._queue.get_nowait(), "finish", "cancelled")
 
     def _admit(self) -> None:
-        """Prefill waiting requests into free slots; waits (briefly, to notice close) only when nothing runs."""
+        """Prefill waiting requests into free slots; waits (briefly, to notice close) only when nothing runs. An
+        engine that cannot take requests into a running batch (``joins_running`` False) is given a new group only
+        when idle, at most PREFILL_TOKENS padded tokens (a request that would pass it waits for the next group)."""
+        if self._running and not self.engine.joins_running:
+            return
         joining: list[int] = []
         window_ends = None
         while len(self._running) < self.max_batch:
             try:
-                if joining and self.engine.max_batch > 1:  # others may be right behind: wait a moment for them
+                if self._held is not None:
+                    request, self._held = self._held, None
+                elif joining and self.engine.max_batch > 1:  # others may be right behind: wait a moment for them
                     request = self._queue.get(timeout=max(0.0, min(JOIN_GAP, window_ends - time.monotonic())))
                 elif not self._running and not joining:  # idle: wait, briefly, to notice close
                     request = self._queue.get(timeout=0.1)
@@ -146,6 +155,11 @@ class Scheduler:
             if request.cancelled or request.expired:
                 _tell(request, "finish", "timeout" if request.expired else "cancelled")
                 continue
+            if joining and not self.engine.joins_running:
+                longest = max(len(request.prompt), *(len(self._running[s].request.prompt) for s in joining))
+                if longest * (len(joining) + 1) > PREFILL_TOKENS:
+                    self._held = request
+                    break
             slot = min(set(range(self.max_batch)) - set(self._running))
             self._running[slot] = _Running(request, np.random.default_rng(request.sampling.seed))
             joining.append(slot)
@@ -165,11 +179,11 @@ class Scheduler:
 
     def _prefill_groups(self, slots: list[int]) -> list[list[int]]:
         """Runs of consecutive slots, each one prefill: at most PREFILL_TOKENS padded tokens (its logits are
-        (rows, longest, vocab)); one request per run when the engine takes one at a time."""
+        (rows, longest, vocab))."""
         groups: list[list[int]] = []
         for slot in slots:
             group = groups[-1] if groups else None
-            if group and self.engine.max_batch > 1 and slot == group[-1] + 1:
+            if group and slot == group[-1] + 1:
                 longest = max(len(self._running[s].request.prompt) for s in [*group, slot])
                 if longest * (len(group) + 1) <= PREFILL_TOKENS:
                     group.append(slot)

@@ -377,18 +377,26 @@ def test_chat_template_renders_as_transformers(model_dir):
     assert Tokenizer(model_dir).encode(ours, add_special_tokens=False) == list(ids)
 
 
-def test_traced_attention_model_is_served_one_request_at_a_time(converted):
+def test_traced_attention_model_batches_requests_arriving_together(converted, monkeypatch):
+    """Traced attention (its KV cache grows by concatenation, no slot rows): requests arriving together run as one
+    left-padded batch, each still getting what it gets alone; a request that ends early rides along."""
+    from moerun.serve import scheduler
+
+    monkeypatch.setattr(scheduler, "JOIN_GAP", 0.5)  # a loaded machine must not split the four into groups
     model = MoEModel.load(converted["k1_e4_h72"], provider="cpu", threads=2)  # head size 18: traced attention
     assert not model.manifest.fused_attention
     prompts = [[1, 20, 30, 40], [1, 7], [1, 100, 101, 102, 103, 104], [1, 3, 9]]
-    expected = [model.generate_ids([p], 8)[0] for p in prompts]
+    lengths = [8, 3, 8, 5]
+    expected = [model.generate_ids([p], n)[0] for p, n in zip(prompts, lengths)]
     with serving(model, max_batch=8) as (base, _):
         health = httpx.get(f"{base}/health", timeout=10).json()
-        assert health["batching"] == "one at a time" and health["max_batch"] == 1
+        assert health["batching"].startswith("static") and health["max_batch"] == 8
         with ThreadPoolExecutor(4) as pool:
-            responses = list(pool.map(lambda p: complete(base, "k1_e4_h72", p, max_tokens=8, temperature=0), prompts))
+            responses = list(pool.map(lambda a: complete(base, "k1_e4_h72", a[0], max_tokens=a[1], temperature=0),
+                                      zip(prompts, lengths)))
         assert [r.json()["choices"][0]["token_ids"] for r in responses] == expected
-        assert metric(base, "moerun_batch_size_bucket", {"le": "1.0"}) == metric(base, "moerun_batch_size_count")
+        assert metric(base, "moerun_prefill_batch_size_count") == 1  # one group of four
+        assert metric(base, "moerun_batch_size_bucket", {"le": "1.0"}) < metric(base, "moerun_batch_size_count")
         no_text = complete(base, "k1_e4_h72", "text", max_tokens=2)
         assert no_text.status_code == 400 and "tokenizer" in no_text.json()["error"]["message"]
 
@@ -459,3 +467,35 @@ def test_requests_arriving_close_together_are_prefilled_together(model, monkeypa
     assert count == 1, f"{count} prefill runs for 4 requests arriving 20 ms apart"
     for i, prompt in enumerate(prompts):
         assert outputs[i] == model.generate_ids([prompt], max_new_tokens=6)[0]
+
+
+def test_recurrent_state_model_batches_requests_arriving_together(lfm2_moe_exports, monkeypatch):
+    """A hybrid model (LFM2-MoE: short-convolution states beside the KV cache) is served by the runner's own step
+    loop, which carries the states: three requests arriving together share one batch, each getting its tokens
+    alone."""
+    from moerun.runtime.generation import SamplingConfig
+    from moerun.serve import scheduler as sched
+    from moerun.serve.engine import GroupEngine
+
+    monkeypatch.setattr(sched, "JOIN_GAP", 0.5)
+    model = MoEModel.load(lfm2_moe_exports["fp32"], provider="cpu", threads=2)
+    assert model.manifest.states
+    prompts, lengths = [[1, 45, 67, 89, 100, 120, 7, 9, 11], [1, 30, 5], [1, 7, 8, 9, 10, 11]], [10, 4, 10]
+    expected = [model.generate_ids([p], n)[0] for p, n in zip(prompts, lengths)]
+    scheduler = sched.Scheduler(model, max_batch=4, max_queue=8, max_len=64)
+    assert isinstance(scheduler.engine, GroupEngine)
+    outputs, done = {i: [] for i in range(3)}, threading.Semaphore(0)
+
+    def emit(i):
+        return lambda kind, value: outputs[i].append(value) if kind == "token" else done.release()
+
+    try:
+        for i, (prompt, n) in enumerate(zip(prompts, lengths)):
+            scheduler.submit(sched.Request(prompt, n, SamplingConfig(), emit(i)))
+        for _ in prompts:
+            assert done.acquire(timeout=60)
+    finally:
+        scheduler.close()
+    runs = {s.name: s.value for s in scheduler.metrics.prefill_size.collect()[0].samples}
+    assert runs["moerun_prefill_batch_size_count"] == 1 and runs["moerun_prefill_batch_size_sum"] == 3
+    assert [outputs[i] for i in range(3)] == expected
