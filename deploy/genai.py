@@ -10,6 +10,15 @@ The config follows genai's own contract (its src/config.h: ``model.decoder.input
   ``past_present_share_buffer`` true, as genai's own builder sets for GroupQueryAttention graphs;
 - traced attention takes ``position_ids`` and returns present = past + new: the config maps the input and sets
   buffer sharing off;
+- hybrid models (layers with fixed-size state beside attention layers' KV cache): genai's hybrid contract is
+  ``decoder.layer_types`` plus one name template per state (``past_conv_names``, ``past_recurrent_names`` and their
+  ``present_`` outputs) and, for LFM2's convolution layers, ``conv_cache_size`` (the state's width), as genai's own
+  LFM2 and Qwen3.5 builders write them; moerun's state names (``past.{i}.conv``, ``past.{i}.recurrent``) are the
+  names its builders give them. genai then carries the states across steps itself (measured: its logits equal
+  moerun's runtime's at every step). Mamba layers are declared as genai's ``linear_attention`` (also a conv and a
+  recurrent state; genai leaves the computation to the graph). genai masks trailing pad tokens only (right
+  padding): the graphs take each row's state at its last real token and hold it over padded steps, so batched
+  prompts are exact (tests/test_*families.py: right-padded batch vs each prompt alone);
 - encoder-decoder models are refused: genai's encoder-decoder contract is Whisper's (audio encoder, its own
   cross-attention names), not moerun's.
 Measured (DESIGN.md): genai 0.18 refuses ``model.type`` "mixtral"; "decoder" is its generic decoder-only type.
@@ -41,9 +50,52 @@ def genai_problem(manifest: Manifest) -> str | None:
     if manifest.value_head_dim not in (None, manifest.head_dim):
         return "keys and values of different sizes (MLA): genai allocates one head size for both"
     if manifest.states:
-        return (f"layers with recurrent state ({', '.join(manifest.states)}): moerun does not write genai's "
-                "hybrid-model settings (layer_types, conv_cache_size) yet, nor has it run genai on them")
+        return _state_problem(manifest)
     return None
+
+
+# moerun's stateful layer kinds -> genai's layer kind, and the states genai carries for it. genai's hybrid runtime
+# allocates each state from the graph's input shape, binds it as past and present, and leaves the computation to the
+# graph: its "linear_attention" (conv + recurrent state; its own builder writes it for Qwen3.5's Gated DeltaNet) thus
+# carries Mamba's conv and SSM states as well. Measured with genai 0.18: LFM2-MoE, Qwen3-Next, Granite-MoE-hybrid
+# (Mamba-2) and Jamba (Mamba-1, a 3-D SSM state), fp32 and int4: genai's logits equal moerun's runtime's at every step.
+_GENAI_LAYER_KINDS = {"conv": ("conv", {"conv"}), "linear_attention": ("linear_attention", {"conv", "recurrent"}),
+                      "mamba": ("linear_attention", {"conv", "recurrent"})}
+# genai's name templates for each state, as its builder writes them (inputs, outputs)
+_STATE_TEMPLATES = {"conv": ("past_conv_names", "present_conv_names"),
+                    "recurrent": ("past_recurrent_names", "present_recurrent_names")}
+
+
+def _state_problem(manifest: Manifest) -> str | None:
+    """Why genai cannot carry this hybrid model's states, or None."""
+    for kind, states in manifest.states.items():
+        if kind not in _GENAI_LAYER_KINDS:
+            return (f"{kind} layers: moerun maps {', '.join(sorted(_GENAI_LAYER_KINDS))} layers onto genai's hybrid "
+                    "layer kinds, not these")
+        genai_kind, genai_states = _GENAI_LAYER_KINDS[kind]
+        if set(states) != genai_states:
+            return (f"{kind} layers with states {sorted(states)}: genai's {genai_kind} layers carry "
+                    f"{sorted(genai_states)}")
+    others = set(manifest.layer_types) - set(manifest.states) - {"full_attention"}
+    if others:
+        return f"layer kinds {sorted(others)} beside the stateful ones: genai's hybrid models know full_attention only"
+    return None
+
+
+def _hybrid_settings(manifest: Manifest, inputs: dict, outputs: dict) -> dict:
+    """genai's hybrid-model decoder settings (each layer's genai kind; LFM2's convolution width) and the state name
+    templates added to ``inputs`` / ``outputs``; {} for a model without states."""
+    if not manifest.states:
+        return {}
+    settings: dict = {"layer_types": [_GENAI_LAYER_KINDS[kind][0] if kind in manifest.states else kind
+                                      for kind in manifest.layer_types]}
+    for states in manifest.states.values():
+        for state in states:
+            past, present = _STATE_TEMPLATES[state]
+            inputs[past], outputs[present] = f"past.%d.{state}", f"present.%d.{state}"
+    if "conv" in manifest.states:  # LFM2's convolution width - 1, as genai's LFM2 builder writes it (its Qwen3.5 not)
+        settings["conv_cache_size"] = manifest.states["conv"]["conv"][-1]
+    return settings
 
 
 def _read(path: Path) -> dict:
@@ -113,6 +165,8 @@ def genai_config(model_dir: str | Path) -> dict:
               "past_key_names": "past_key_values.%d.key", "past_value_names": "past_key_values.%d.value"}
     if "position_ids" in manifest.inputs:
         inputs["position_ids"] = "position_ids"
+    outputs = {"logits": "logits", "present_key_names": "present.%d.key", "present_value_names": "present.%d.value"}
+    hybrid = _hybrid_settings(manifest, inputs, outputs)
     decoder = {
         "filename": manifest.model_file,
         "session_options": {"log_id": "onnxruntime-genai", "provider_options": []},
@@ -122,8 +176,8 @@ def genai_config(model_dir: str | Path) -> dict:
         "num_hidden_layers": manifest.num_layers,
         "head_size": manifest.head_dim,
         "inputs": inputs,
-        "outputs": {"logits": "logits", "present_key_names": "present.%d.key",
-                    "present_value_names": "present.%d.value"},
+        "outputs": outputs,
+        **hybrid,
     }
     model = {"type": "decoder", "vocab_size": manifest.vocab_size, "context_length": context,
              "bos_token_id": manifest.bos_token_id if manifest.bos_token_id is not None else pad,
