@@ -1,7 +1,8 @@
 """Build the realistic benchmark checkpoints (seeded) and run `moerun bench` on one of them.
 
     python scripts/bench_models.py --model gpt-oss --out docs/bench_gpt_oss   # the GPT-OSS-shaped anchor
-    python scripts/bench_models.py --model gpt-oss --prompt-len 512 --batch 1 --out docs/bench_gpt_oss_512
+    python scripts/bench_models.py --model gpt-oss --prompt-len 128,512 --batch 1,4 --threads 1 --repeats 3 \
+        --out /tmp/gpt_oss_long   # docs/bench_gpt_oss_128.md and _512.md: this run, split by prompt length
     python scripts/bench_models.py --model mixtral --out docs/bench_mixtral
     python scripts/bench_models.py --model fixture --out docs/bench_fixture  # the trained tiny MoE
 
