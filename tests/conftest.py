@@ -113,6 +113,32 @@ def hf_logits_prefill_and_steps(hf, ids, mask, pos, split: int, steps: int = 2):
     return full, decoded
 
 
+def hybrid_logits_error(hf, model, vocab_size: int):
+    """Max |Δlogits| of a hybrid (recurrent-state) ONNX model against PyTorch on a left-padded batch of prompts of
+    11, 4 and 8 tokens, along the three paths its states must follow: the full prefill, two one-token decode steps
+    with past after position 8, and a 3-token continuation with past from position 6, where row 1 is still
+    padding (compared with the full prefill). Returns the error, the prompts and PyTorch's prefill logits."""
+    import numpy as np
+
+    from moerun.converter.verify import padded, sample_prompts
+
+    prompts = sample_prompts(vocab_size, seed=1, lengths=(11, 4, 8))
+    ids, mask, pos = padded(prompts, pad_id=0)
+    valid = mask.astype(bool)
+    split = 8
+    full, decoded = hf_logits_prefill_and_steps(hf, ids, mask, pos, split, steps=2)
+    ours, _ = model.forward(ids, mask, pos)
+    worst = float(np.abs(ours - full)[valid].max())
+    _, past = model.forward(ids[:, :split], mask[:, :split], pos[:, :split])
+    for n, i in enumerate(range(split, split + 2)):
+        step, past = model.forward(ids[:, i:i + 1], mask[:, :i + 1], pos[:, i:i + 1], past=past)
+        worst = max(worst, float(np.abs(step - decoded[n]).max()))
+    _, past = model.forward(ids[:, :6], mask[:, :6], pos[:, :6])  # row 1 is padding up to position 6
+    chunk, _ = model.forward(ids[:, 6:9], mask[:, :9], pos[:, 6:9], past=past)
+    worst = max(worst, float(np.abs(chunk - full[:, 6:9])[valid[:, 6:9]].max()))
+    return worst, prompts, full
+
+
 def assert_matches_pytorch(hf, onnx, tol: float = 1e-4, seed: int = 1, steps: int = 2) -> float:
     """Prefill and decode-with-past logits of the ONNX model within `tol` of PyTorch; returns the max error."""
     import numpy as np

@@ -15,7 +15,7 @@ import pytest
 import torch
 import transformers
 
-from conftest import hf_greedy, hf_logits_prefill_and_steps
+from conftest import hf_greedy, hybrid_logits_error
 from moerun import MoEModel
 from moerun.converter.verify import padded, sample_prompts
 
@@ -67,20 +67,7 @@ def test_logits_match_pytorch(lfm2):
     step is a generated token, never padding. So the one-token steps here start after every row's padding.)"""
     hf, fp32, _ = lfm2
     model = MoEModel.load(fp32, provider="cpu")
-    prompts = sample_prompts(hf.config.vocab_size, seed=1, lengths=(11, 4, 8))
-    ids, mask, pos = padded(prompts, pad_id=0)
-    valid = mask.astype(bool)
-    split = 8
-    full, decoded = hf_logits_prefill_and_steps(hf, ids, mask, pos, split, steps=2)
-    ours, _ = model.forward(ids, mask, pos)
-    worst = float(np.abs(ours - full)[valid].max())
-    _, past = model.forward(ids[:, :split], mask[:, :split], pos[:, :split])
-    for n, i in enumerate(range(split, split + 2)):
-        step, past = model.forward(ids[:, i:i + 1], mask[:, :i + 1], pos[:, i:i + 1], past=past)
-        worst = max(worst, float(np.abs(step - decoded[n]).max()))
-    _, past = model.forward(ids[:, :6], mask[:, :6], pos[:, :6])  # row 1 is padding up to position 6
-    chunk, _ = model.forward(ids[:, 6:9], mask[:, :9], pos[:, 6:9], past=past)
-    worst = max(worst, float(np.abs(chunk - full[:, 6:9])[valid[:, 6:9]].max()))
+    worst, _, _ = hybrid_logits_error(hf, model, hf.config.vocab_size)
     print(f"\nLFM2-MoE: max |Δlogits| {worst:.1e}")
     assert worst < 1e-4
 
