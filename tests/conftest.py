@@ -139,6 +139,46 @@ def hybrid_logits_error(hf, model, vocab_size: int):
     return worst, prompts, full
 
 
+def hybrid_state_errors(hf, model, vocab_size: int, layers, states=("conv",), steps: int = 32) -> dict[str, float]:
+    """Max |Δ| of each state (``present.{i}.{state}`` of ``layers``) and of the logits against transformers' cache,
+    over ``steps`` one-token decode steps after a left-padded prefill of prompts of 9, 1 and 5 tokens (1: padding
+    inside the convolution window). transformers' cache keeps d_conv inputs per convolution state, the first of
+    which never reaches an output: its last d_conv - 1 are compared. ``alive``: the smallest largest |value| of the
+    recurrent states over the steps (0 without one), so that a state decayed to nothing cannot pass unnoticed."""
+    import numpy as np
+
+    from moerun.converter.verify import padded, sample_prompts
+
+    names = model.runner.present_names
+    prompts = sample_prompts(vocab_size, seed=4, lengths=(9, 1, 5))
+    ids, mask, pos = padded(prompts, pad_id=0)
+    tokens = np.random.default_rng(5).integers(3, vocab_size, (len(prompts), steps))
+    worst = dict.fromkeys([*states, "logits"], 0.0)
+    alive = np.inf if "recurrent" in states else 0.0
+    t = {k: torch.from_numpy(v) for k, v in dict(input_ids=ids, attention_mask=mask, position_ids=pos).items()}
+    with torch.no_grad():
+        out = hf(**t, use_cache=True)
+        _, past = model.forward(ids, mask, pos)
+        next_pos = mask.sum(-1, keepdims=True)
+        for step in range(steps):
+            for layer in layers:
+                cache = out.cache.layers[layer]
+                for name in states:
+                    theirs = (cache.conv_states[0][..., 1:] if name == "conv" else cache.recurrent_states[0]).numpy()
+                    ours = past[names.index(f"present.{layer}.{name}")]
+                    worst[name] = max(worst[name], float(np.abs(ours - theirs).max()))
+                    if name == "recurrent":
+                        alive = min(alive, float(np.abs(theirs).max()))
+            mask = np.concatenate([mask, np.ones_like(mask[:, :1])], axis=1)
+            token = tokens[:, step:step + 1]
+            out = hf(input_ids=torch.from_numpy(token), attention_mask=torch.from_numpy(mask),
+                     position_ids=torch.from_numpy(next_pos), cache=out.cache, use_cache=True)
+            logits, past = model.forward(token, mask, next_pos, past=past)
+            worst["logits"] = max(worst["logits"], float(np.abs(logits - out.logits.numpy()).max()))
+            next_pos = next_pos + 1
+    return {**worst, "alive": alive}
+
+
 def assert_matches_pytorch(hf, onnx, tol: float = 1e-4, seed: int = 1, steps: int = 2) -> float:
     """Prefill and decode-with-past logits of the ONNX model within `tol` of PyTorch; returns the max error."""
     import numpy as np

@@ -22,6 +22,7 @@ from conftest import (
     hf_greedy,
     hf_logits_prefill_and_steps,
     hybrid_logits_error,
+    hybrid_state_errors,
 )
 from moerun import MoEModel
 from moerun.converter.verify import padded, sample_prompts
@@ -111,34 +112,10 @@ def test_states_follow_pytorch_over_32_steps(converted_family):
     kernel never reaches an output) and present.{i}.recurrent its recurrent state; prompts left-padded (one of
     length 1: padding inside the convolution state)."""
     family, hf, fp32, _ = converted_family
-    model = MoEModel.load(fp32, provider="cpu")
-    names = model.runner.present_names
-    prompts = sample_prompts(hf.config.vocab_size, seed=4, lengths=(9, 1, 5))
-    ids, mask, pos = padded(prompts, pad_id=0)
-    tokens = np.random.default_rng(5).integers(3, hf.config.vocab_size, (len(prompts), 32))
-    t = {k: torch.from_numpy(v) for k, v in dict(input_ids=ids, attention_mask=mask, position_ids=pos).items()}
-    worst_conv = worst_recurrent = worst_logits = 0.0
-    smallest_state = np.inf
-    with torch.no_grad():
-        out = hf(**t, use_cache=True)
-        _, past = model.forward(ids, mask, pos)
-        next_pos = mask.sum(-1, keepdims=True)
-        for step in range(32):
-            for layer in linear_layers(family):
-                theirs = out.cache.layers[layer]
-                conv = past[names.index(f"present.{layer}.conv")]
-                recurrent = past[names.index(f"present.{layer}.recurrent")]
-                worst_conv = max(worst_conv, float(np.abs(conv - theirs.conv_states[0][..., 1:].numpy()).max()))
-                state = theirs.recurrent_states[0].numpy()
-                worst_recurrent = max(worst_recurrent, float(np.abs(recurrent - state).max()))
-                smallest_state = min(smallest_state, float(np.abs(state).max()))
-            mask = np.concatenate([mask, np.ones_like(mask[:, :1])], axis=1)
-            token = tokens[:, step:step + 1]
-            out = hf(input_ids=torch.from_numpy(token), attention_mask=torch.from_numpy(mask),
-                     position_ids=torch.from_numpy(next_pos), cache=out.cache, use_cache=True)
-            logits, past = model.forward(token, mask, next_pos, past=past)
-            worst_logits = max(worst_logits, float(np.abs(logits - out.logits.numpy()).max()))
-            next_pos = next_pos + 1
+    errors = hybrid_state_errors(hf, MoEModel.load(fp32, provider="cpu"), hf.config.vocab_size,
+                                 linear_layers(family), states=("conv", "recurrent"))
+    worst_conv, worst_recurrent, worst_logits = errors["conv"], errors["recurrent"], errors["logits"]
+    smallest_state = errors["alive"]
     print(f"\n{family} over 32 steps: max |Δconv| {worst_conv:.1e}, max |Δrecurrent| {worst_recurrent:.1e}, "
           f"max |Δlogits| {worst_logits:.1e}")
     assert smallest_state > 1e-2  # the state is alive (not decayed to nothing), so the comparison means something

@@ -15,7 +15,7 @@ import pytest
 import torch
 import transformers
 
-from conftest import hf_greedy, hybrid_logits_error
+from conftest import hf_greedy, hybrid_logits_error, hybrid_state_errors
 from moerun import MoEModel
 from moerun.converter.verify import padded, sample_prompts
 
@@ -45,10 +45,6 @@ def build(seed: int = 0):
 def lfm2(lfm2_moe_exports):
     hf = transformers.AutoModelForCausalLM.from_pretrained(lfm2_moe_exports["ckpt"]).eval()
     return hf, lfm2_moe_exports["fp32"], lfm2_moe_exports["int4"]
-
-
-def _state(presents: list, model: MoEModel, layer: int) -> np.ndarray:
-    return presents[model.runner.present_names.index(f"present.{layer}.conv")]
 
 
 def test_manifest_declares_layer_kinds_and_states(lfm2):
@@ -103,27 +99,8 @@ def test_conv_state_follows_pytorch_over_32_steps(lfm2):
     conv_L_cache - 1: the first of its conv_L_cache never reaches an output); prompts left-padded, so the
     padded positions must not reach the state."""
     hf, fp32, _ = lfm2
-    model = MoEModel.load(fp32, provider="cpu")
-    prompts = sample_prompts(hf.config.vocab_size, seed=4, lengths=(9, 1, 5))  # 1: padding inside the state
-    ids, mask, pos = padded(prompts, pad_id=0)
-    tokens = np.random.default_rng(5).integers(3, hf.config.vocab_size, (len(prompts), 32))
-    t = {k: torch.from_numpy(v) for k, v in dict(input_ids=ids, attention_mask=mask, position_ids=pos).items()}
-    worst_state = worst_logits = 0.0
-    with torch.no_grad():
-        out = hf(**t, use_cache=True)
-        _, past = model.forward(ids, mask, pos)
-        next_pos = mask.sum(-1, keepdims=True)
-        for step in range(32):
-            for layer in CONV_LAYERS:
-                theirs = out.cache.layers[layer].conv_states[0][..., 1:].numpy()
-                worst_state = max(worst_state, float(np.abs(_state(past, model, layer) - theirs).max()))
-            mask = np.concatenate([mask, np.ones_like(mask[:, :1])], axis=1)
-            token = tokens[:, step:step + 1]
-            out = hf(input_ids=torch.from_numpy(token), attention_mask=torch.from_numpy(mask),
-                     position_ids=torch.from_numpy(next_pos), cache=out.cache, use_cache=True)
-            logits, past = model.forward(token, mask, next_pos, past=past)
-            worst_logits = max(worst_logits, float(np.abs(logits - out.logits.numpy()).max()))
-            next_pos = next_pos + 1
+    errors = hybrid_state_errors(hf, MoEModel.load(fp32, provider="cpu"), hf.config.vocab_size, CONV_LAYERS)
+    worst_state, worst_logits = errors["conv"], errors["logits"]
     print(f"\nLFM2-MoE over 32 steps: max |Δstate| {worst_state:.1e}, max |Δlogits| {worst_logits:.1e}")
     assert worst_state < 1e-4 and worst_logits < 1e-4
 

@@ -15,7 +15,13 @@ import pytest
 import torch
 import transformers
 
-from conftest import assert_experts_only_in_fused_nodes, assert_int4_agrees, hf_greedy, hybrid_logits_error
+from conftest import (
+    assert_experts_only_in_fused_nodes,
+    assert_int4_agrees,
+    hf_greedy,
+    hybrid_logits_error,
+    hybrid_state_errors,
+)
 from moerun import MoEModel
 from moerun.converter.verify import padded, sample_prompts
 
@@ -81,10 +87,6 @@ def mamba(request, tmp_path_factory):
     return family, hf, fp32, root / "int4"
 
 
-def _state(presents: list, model: MoEModel, layer: int, name: str) -> np.ndarray:
-    return presents[model.runner.present_names.index(f"present.{layer}.{name}")]
-
-
 def test_manifest_declares_mamba_states(mamba):
     family, hf, fp32, _ = mamba
     m = MoEModel.load(fp32, provider="cpu").manifest
@@ -120,29 +122,9 @@ def test_states_follow_pytorch_over_32_steps(mamba):
     the oldest never reaches an output) and present.{i}.recurrent its SSM state; prompts left-padded, one of
     length 1, so that padding sits inside the convolution window."""
     family, hf, fp32, _ = mamba
-    model = MoEModel.load(fp32, provider="cpu")
-    prompts = sample_prompts(hf.config.vocab_size, seed=4, lengths=(9, 1, 5))
-    ids, mask, pos = padded(prompts, pad_id=0)
-    tokens = np.random.default_rng(5).integers(3, hf.config.vocab_size, (len(prompts), 32))
-    t = {k: torch.from_numpy(v) for k, v in dict(input_ids=ids, attention_mask=mask, position_ids=pos).items()}
-    worst_state = worst_logits = 0.0
-    with torch.no_grad():
-        out = hf(**t, use_cache=True)
-        _, past = model.forward(ids, mask, pos)
-        next_pos = mask.sum(-1, keepdims=True)
-        for step in range(32):
-            for layer in FAMILIES[family][5:]:
-                cache = out.cache.layers[layer]
-                for name, theirs in (("conv", cache.conv_states[0][..., 1:]), ("recurrent", cache.recurrent_states[0])):
-                    ours = _state(past, model, layer, name)
-                    worst_state = max(worst_state, float(np.abs(ours - theirs.numpy()).max()))
-            mask = np.concatenate([mask, np.ones_like(mask[:, :1])], axis=1)
-            token = tokens[:, step:step + 1]
-            out = hf(input_ids=torch.from_numpy(token), attention_mask=torch.from_numpy(mask),
-                     position_ids=torch.from_numpy(next_pos), cache=out.cache, use_cache=True)
-            logits, past = model.forward(token, mask, next_pos, past=past)
-            worst_logits = max(worst_logits, float(np.abs(logits - out.logits.numpy()).max()))
-            next_pos = next_pos + 1
+    errors = hybrid_state_errors(hf, MoEModel.load(fp32, provider="cpu"), hf.config.vocab_size, FAMILIES[family][5:],
+                                 states=("conv", "recurrent"))
+    worst_state, worst_logits = max(errors["conv"], errors["recurrent"]), errors["logits"]
     print(f"\n{family} over 32 steps: max |Δstate| {worst_state:.1e}, max |Δlogits| {worst_logits:.1e}")
     assert worst_state < 1e-4 and worst_logits < 1e-4
 
