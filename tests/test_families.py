@@ -11,7 +11,7 @@ import pytest
 import torch
 import transformers
 
-from conftest import assert_experts_only_in_fused_nodes, assert_int4_agrees, assert_matches_pytorch, hf_greedy
+from conftest import assert_experts_only_in_fused_nodes, assert_int4_agrees, assert_matches_pytorch, hf_greedy, run_cli
 from moerun import MoEModel
 from moerun.converter.verify import sample_prompts
 
@@ -135,3 +135,33 @@ def test_inspect_strict_passes_on_every_family(family):
 def test_int4_agrees_with_fp32_as_measured(family):
     name, hf, fp32, int4 = family
     assert_int4_agrees(name, hf.config.vocab_size, fp32, int4, INT4_AGREEMENT[name])
+
+
+# Families transformers ships that moerun refuses, with the words of each reason.
+REFUSED = {
+    "Gemma4ForCausalLM": ("Gemma4TextConfig", dict(
+        vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, enable_moe_block=True, num_experts=4, top_k_experts=2,
+        moe_intermediate_size=32, layer_types=["sliding_attention", "full_attention"], hidden_size_per_layer_input=0),
+        "gate only with SiLU"),
+    "DeepseekV32ForCausalLM": ("DeepseekV32Config", dict(
+        vocab_size=128, hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=4, n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1,
+        first_k_dense_replace=1, q_lora_rank=32, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=16,
+        v_head_dim=16, n_group=1, topk_group=1), "indexer"),
+    "LongcatFlashForCausalLM": ("LongcatFlashConfig", dict(
+        vocab_size=128, hidden_size=64, ffn_hidden_size=96, expert_ffn_hidden_size=32, num_layers=2,
+        num_attention_heads=4, n_routed_experts=4, moe_topk=2, q_lora_rank=32, kv_lora_rank=16, qk_rope_head_dim=8,
+        qk_nope_head_dim=16, v_head_dim=16), "zero-computation"),
+}
+
+
+@pytest.mark.parametrize("architecture", list(REFUSED))
+def test_refused_families_say_why_and_write_nothing(architecture, tmp_path):
+    config_class, params, reason = REFUSED[architecture]
+    torch.manual_seed(0)
+    config = getattr(transformers, config_class)(**params)
+    getattr(transformers, architecture)(config).save_pretrained(tmp_path / "ckpt")
+    result = run_cli("convert", str(tmp_path / "ckpt"), "-o", str(tmp_path / "out"))
+    assert result.returncode == 1 and reason in result.stderr and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "out").exists()

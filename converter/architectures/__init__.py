@@ -56,4 +56,4 @@ def adapter_for(config):
 
 from . import deepseek, gpt_oss, granitemoe, mixtral, nllb_moe, olmoe, phimoe, qwen2_moe, qwen3_moe, qwen3_next, switch_transformers  # noqa: E402,F401,I001,E501
 from . import dbrx, jetmoe, lfm2_moe, llama4, standard_families  # noqa: E402,F401
-from . import granitemoehybrid, jamba  # noqa: E402,F401
+from . import granitemoehybrid, jamba, refused  # noqa: E402,F401
