@@ -15,7 +15,7 @@ import pytest
 import torch
 import transformers
 
-from conftest import hf_greedy, hybrid_logits_error, hybrid_state_errors
+from conftest import assert_int4_agrees, hf_greedy, hybrid_logits_error, hybrid_state_errors
 from moerun import MoEModel
 from moerun.converter.verify import padded, sample_prompts
 
@@ -128,26 +128,15 @@ def test_one_fused_node_per_moe_layer(lfm2):
 
 
 # int4 (block 16) against fp32 on the tiny model, measured: next tokens agreeing out of 28 prompt positions, and
-# out of 48 free-running greedy tokens (3 x 16). Margins as tests/test_standard_families.py.
+# out of 48 free-running greedy tokens (3 x 16); margins in tests/conftest.py.
 INT4_AGREEMENT = (27, 48)
-POSITION_MARGIN, FREE_RUNNING_MARGIN = 2, 16
 
 
 def test_int4_agrees_with_fp32_as_measured(lfm2):
     hf, fp32, int4 = lfm2
-    prompts = sample_prompts(hf.config.vocab_size, seed=3, lengths=(12, 9, 7))
     a, b = MoEModel.load(fp32, provider="cpu"), MoEModel.load(int4, provider="cpu")
     assert b.manifest.states == a.manifest.states and b.manifest.inputs == a.manifest.inputs
-    ids, mask, pos = padded(prompts, pad_id=0)
-    la, lb = a.forward(ids, mask, pos)[0], b.forward(ids, mask, pos)[0]
-    valid = mask.astype(bool)
-    per_position = int(np.sum(la.argmax(-1)[valid] == lb.argmax(-1)[valid]))
-    a.manifest.eos_token_id = b.manifest.eos_token_id = []
-    free = int(np.sum(np.array(a.generate_ids(prompts, 16)) == np.array(b.generate_ids(prompts, 16))))
-    figures = f"LFM2-MoE: int4 agrees with fp32 on {per_position}/28 next tokens, {free}/48 free-running tokens"
-    print("\n" + figures)
-    assert valid.sum() == 28 and per_position >= INT4_AGREEMENT[0] - POSITION_MARGIN, figures
-    assert free >= INT4_AGREEMENT[1] - FREE_RUNNING_MARGIN, figures
+    assert_int4_agrees("LFM2-MoE", hf.config.vocab_size, fp32, int4, INT4_AGREEMENT)
 
 
 def test_server_batches_stateful_models_statically(lfm2):
