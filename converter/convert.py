@@ -44,7 +44,15 @@ from .output import (
     save_model,
     staged_directory,
 )
-from .passes import BindWeights, CheckFusedMoE, FoldWeightTransposes, OrtFusions, PinIrVersion, ToFloat16
+from .passes import (
+    BindWeights,
+    CheckFusedMoE,
+    FoldWeightTransposes,
+    LogitsPositions,
+    OrtFusions,
+    PinIrVersion,
+    ToFloat16,
+)
 from .passes.check_fused import recurrent_scans
 from .quantize import QuantizeOptions, apply_quantization
 from .recurrent import DecoderWithState
@@ -196,6 +204,7 @@ def export_graphs(checkpoint: Checkpoint, adapter, dtype: str, fusions: bool) ->
     scans = recurrent_scans(state_layers(adapter.layer_types(config), adapter.state_shapes(config)))
     for name, model in graphs.items():
         passes = [FoldWeightTransposes()] + ([OrtFusions()] if fusions else [])
+        passes += [] if seq2seq else [LogitsPositions()]
         passes += [PinIrVersion(), CheckFusedMoE(moe_layers[name], scans)]
         for p in passes:
             model = p(model).model

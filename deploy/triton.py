@@ -95,9 +95,11 @@ def _graph_config(pb2, name: str, path: Path, graph: onnx.GraphProto, stateful: 
     batching = stateful or not has_cache  # stateless decoders with explicit caches: no batch dim handling
     config = pb2.ModelConfig(name=name, platform="onnxruntime_onnx", max_batch_size=(1 if stateful else MAX_BATCH)
                              if batching else 0)
+    initializers = {t.name for t in graph.initializer}  # inputs with a default (logits_position): optional
     for value in inputs:
         if value.name not in state_in:
-            config.input.add(name=value.name, data_type=_type(value, path), dims=_dims(value, batching))
+            config.input.add(name=value.name, data_type=_type(value, path), dims=_dims(value, batching),
+                             optional=value.name in initializers)
     for value in outputs:
         if value.name not in state_out:
             config.output.add(name=value.name, data_type=_type(value, path), dims=_dims(value, batching))

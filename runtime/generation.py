@@ -11,7 +11,7 @@ import onnxruntime as ort
 from .buffers import bind_host_output, device_buffer, output_spec, to_device
 from .checks import check_count, is_number
 from .errors import MoerunError, RequestError
-from .manifest import Manifest, decoder_io_names
+from .manifest import LOGITS_POSITION, Manifest, decoder_io_names
 from .search import _top_k as top_k
 
 __all__ = ["DecoderRunner", "GenerationStats", "SamplingConfig", "filter_logits", "left_pad", "pick_next",
@@ -159,8 +159,8 @@ class DecoderRunner:
     cache is one buffer per tensor, allocated once on the device for the whole generation and
     bound as both past and present, so ONNX Runtime appends to it in place.
 
-    Logits land in host arrays that ONNX Runtime writes (copies from the device, on CUDA); of the
-    prefill's (batch, seq, vocab) only the (batch, vocab) that generation needs is kept.
+    Logits land in host arrays that ONNX Runtime writes (copies from the device, on CUDA). A prefill asks the graph
+    for each row's last position only (``logits_position``), where the graph takes it.
     """
 
     def __init__(self, session: ort.InferenceSession, manifest: Manifest, device: str) -> None:
@@ -173,6 +173,23 @@ class DecoderRunner:
         self.present_names = outputs[1:]
         self.kv_dtype = np.float16 if manifest.dtype == "fp16" else np.float32
         self.logits_dtype, self.vocab = output_spec(session, "logits", manifest.vocab_size)
+        # graphs converted since 2026-12 take each row's logits position (the prefill computes the LM head once per
+        # row instead of at every prompt position); older ones return every position
+        self.picks_position = LOGITS_POSITION in {i.name for i in session.get_overridable_initializers()}
+
+    def bind_logits(self, binding: ort.IOBinding, positions: np.ndarray, width: int) -> np.ndarray:
+        """Binds the logits output of a run over ``width`` columns for the rows' ``positions`` (batch,); returns the
+        host array ONNX Runtime writes: (batch, 1, vocab) when the graph picks them, else (batch, width, vocab)."""
+        if self.picks_position:  # bound as an OrtValue: bind_cpu_input finds no overridable initializer (ORT 1.31)
+            value = ort.OrtValue.ortvalue_from_shape_and_type((len(positions),), np.int64)  # owns its memory
+            value.update_inplace(np.ascontiguousarray(positions, dtype=np.int64))
+            binding.bind_ortvalue_input(LOGITS_POSITION, value)
+            width = 1
+        return bind_host_output(binding, "logits", (len(positions), width, self.vocab), self.logits_dtype)
+
+    def last_logits(self, logits: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        """(batch, vocab) at ``positions`` from what bind_logits returned (a copy: that array can go)."""
+        return logits[:, 0].copy() if self.picks_position else logits[np.arange(len(positions)), positions]
 
     def kv_buffer(self, shape: tuple[int, ...]) -> ort.OrtValue:
         return device_buffer(shape, self.kv_dtype, self.device)
@@ -185,19 +202,23 @@ class DecoderRunner:
                 for name, shape in zip(self.past_names, self.manifest.past_shapes(batch, length))]
 
     def step(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray,
-             past: list[ort.OrtValue]) -> tuple[np.ndarray, list[ort.OrtValue]]:
-        """One forward of a traced-attention graph: (logits (batch, seq, vocab), presents one step longer)."""
+             past: list[ort.OrtValue], last_only: bool = False) -> tuple[np.ndarray, list[ort.OrtValue]]:
+        """One forward of a traced-attention graph: (logits (batch, seq, vocab), presents one step longer).
+        ``last_only``: the logits of the last column only, (batch, vocab)."""
         binding = self.session.io_binding()
         binding.bind_cpu_input("input_ids", np.ascontiguousarray(input_ids, dtype=np.int64))
         binding.bind_cpu_input("attention_mask", np.ascontiguousarray(attention_mask, dtype=np.int64))
         binding.bind_cpu_input("position_ids", np.ascontiguousarray(position_ids, dtype=np.int64))
         for name, value in zip(self.past_names, past):
             binding.bind_ortvalue_input(name, value)
-        logits = bind_host_output(binding, "logits", (*input_ids.shape, self.vocab), self.logits_dtype)
+        batch, width = input_ids.shape
+        last = np.full(batch, width - 1)
+        logits = (self.bind_logits(binding, last, width) if last_only else
+                  bind_host_output(binding, "logits", (batch, width, self.vocab), self.logits_dtype))
         for name in self.present_names:
             binding.bind_output(name, self.device)
         self.session.run_with_iobinding(binding)
-        return logits, list(binding.get_outputs()[1:])
+        return (self.last_logits(logits, last) if last_only else logits), list(binding.get_outputs()[1:])
 
     def generate(self, prompts: list[list[int]], max_new_tokens: int, sampling: SamplingConfig,
                  eos_token_ids: list[int], pad_token_id: int) -> tuple[list[list[int]], GenerationStats]:
@@ -238,9 +259,7 @@ class DecoderRunner:
         stats.prefill_tokens = int(mask.sum())
         batch, width = mask.shape
         positions = np.where(mask == 1, mask.cumsum(-1) - 1, 0)
-        logits, past = self.step(input_ids, mask, positions, self.empty_past(batch))
-        last = logits[:, -1].copy()
-        del logits  # the prefill's (batch, seq, vocab): only the last position is needed
+        last, past = self.step(input_ids, mask, positions, self.empty_past(batch), last_only=True)
         tokens = yield last
         full_mask = np.ones((batch, width + max_new_tokens), dtype=np.int64)
         full_mask[:, :width] = mask
@@ -265,16 +284,15 @@ class DecoderRunner:
         full_mask = np.zeros((batch, width + max_new_tokens), dtype=np.int64)
         full_mask[:, :width] = mask
         binding = self.session.io_binding()
-        vocab = self.vocab
-        logits = bind_host_output(binding, "logits", (batch, width, vocab), self.logits_dtype)
+        logits = self.bind_logits(binding, lengths - 1, width)
         for past_name, present_name, value in zip(self.past_names, self.present_names, past):
             binding.bind_ortvalue_input(past_name, value)
             binding.bind_ortvalue_output(present_name, value)
         binding.bind_cpu_input("input_ids", input_ids)
         binding.bind_cpu_input("attention_mask", mask)
         self.session.run_with_iobinding(binding)
-        last = logits[rows, lengths - 1]  # a copy: the prefill's (batch, seq, vocab) goes
-        step_logits = bind_host_output(binding, "logits", (batch, 1, vocab), self.logits_dtype)
+        last = self.last_logits(logits, lengths - 1)
+        step_logits = self.bind_logits(binding, np.zeros(batch, dtype=np.int64), 1)  # a step's one column
         del logits
         tokens = yield last
         for _ in range(max_new_tokens - 1):

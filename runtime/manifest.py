@@ -11,10 +11,13 @@ from pathlib import Path
 
 from .errors import ModelDirError
 
-__all__ = ["MANIFEST_FILE", "FORMAT_VERSION", "Manifest", "decoder_io_names", "seq2seq_io_names", "state_layers"]
+__all__ = ["FORMAT_VERSION", "LOGITS_POSITION", "MANIFEST_FILE", "Manifest", "decoder_io_names", "seq2seq_io_names",
+           "state_layers"]
 
 MANIFEST_FILE = "moerun.json"
 FORMAT_VERSION = 1
+# optional decoder input (an overridable initializer): one position per row whose logits the graph returns
+LOGITS_POSITION = "logits_position"
 
 
 def decoder_io_names(num_layers: int, positions: bool = True,

@@ -60,11 +60,11 @@ class SlotEngine:
         binding.bind_cpu_input("input_ids", ids)
         binding.bind_cpu_input("attention_mask", mask)
         self._bind_rows(binding, first, rows)
-        logits = bind_host_output(binding, "logits", (rows, width, self.runner.vocab), self.runner.logits_dtype)
-        self.runner.session.run_with_iobinding(binding)
         lengths = mask.sum(-1)
+        logits = self.runner.bind_logits(binding, lengths - 1, width)
+        self.runner.session.run_with_iobinding(binding)
         self.lengths[first: first + rows] = lengths
-        return logits[np.arange(rows), lengths - 1]  # a copy: the (rows, width, vocab) array goes
+        return self.runner.last_logits(logits, lengths - 1)
 
     def decode(self, tokens: dict[int, int]) -> np.ndarray:
         """One step for every busy slot (slot -> its last token); logits (rows, vocab), row = slot."""

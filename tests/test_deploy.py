@@ -136,6 +136,8 @@ def _check_against_graph(config, graph_path: Path) -> None:
         for ours, theirs in zip(dims, graph_dims):  # a state may fix a dynamic dim (a preallocated KV buffer)
             assert ours == theirs or (theirs == -1 and value.name in states), value.name
     assert declared == {}, f"config names what the graph does not have: {list(declared)}"
+    defaults = {t.name for t in graph.initializer}  # inputs with a default value (logits_position) are optional
+    assert all(t.optional == (t.name in defaults) for t in config.input), [(t.name, t.optional) for t in config.input]
 
 
 def test_triton_repository_matches_the_onnx_graph(exports, tmp_path):
@@ -315,7 +317,7 @@ def test_genai_config_follows_the_graph(exports, tmp_path):
     for name, shared in (("fp32", True), ("traced", False)):
         config = genai_config(exports[name])
         graph = onnx.load(str(exports[name] / "model.onnx"), load_external_data=False).graph
-        inputs = {v.name for v in graph.input}
+        inputs = {v.name for v in graph.input} - {t.name for t in graph.initializer}  # genai feeds the required
         decoder = config["model"]["decoder"]
         assert config["search"]["past_present_share_buffer"] is shared
         assert ("position_ids" in decoder["inputs"]) == ("position_ids" in inputs)

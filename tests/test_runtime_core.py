@@ -4,9 +4,6 @@ checked on CPU. Nothing here runs CUDA: scripts/check_cuda.py does, on a machine
 
 from __future__ import annotations
 
-import gc
-import weakref
-
 import numpy as np
 import onnxruntime as ort
 import pytest
@@ -86,27 +83,32 @@ def test_each_kind_refuses_the_other_kinds_methods_in_one_line(decoders, switch)
 # --- hot paths ---------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("attention", ["fused", "traced"])
-def test_prefill_logits_are_released_before_the_first_decode_step(decoders, attention, monkeypatch):
-    """Generation needs the last position's logits of the prefill: the (batch, seq, vocab) array is gone before the
-    next step runs, and what is kept is a (batch, vocab) array of its own."""
+def test_prefill_computes_only_each_rows_last_logits(decoders, attention, monkeypatch):
+    """Generation needs the prefill's last position per row: the graph is asked for it (``logits_position``) and
+    the (batch, seq, vocab) array is never allocated; the (batch, vocab) kept equals the full run's logits at each
+    row's last real token (right padding: its own length; left padding: the last column)."""
     m = MoEModel.load(decoders[attention], provider="cpu")
+    assert m.runner.picks_position
     bound = []
     original = generation_module.bind_host_output
 
     def recording(binding, name, shape, dtype):
-        out = original(binding, name, shape, dtype)
-        bound.append((shape, weakref.ref(out)))
-        return out
+        bound.append(shape)
+        return original(binding, name, shape, dtype)
 
     monkeypatch.setattr(generation_module, "bind_host_output", recording)
     prompts = [[1, 5, 9, 11, 12], [1, 7, 3]]
     steps = (m.runner._fused_steps if attention == "fused" else m.runner._traced_steps)(
         prompts, m.pad_token_id, 4, generation_module.GenerationStats())
     last = next(steps)
-    gc.collect()
-    prefill = [ref for shape, ref in bound if shape == (2, 5, 384)]
-    assert len(prefill) == 1 and prefill[0]() is None, "the prefill's (batch, seq, vocab) logits are still alive"
+    assert bound[0] == (2, 1, 384) and (2, 5, 384) not in bound
     assert last.shape == (2, 384) and last.base is None
+    pad = generation_module.right_pad if attention == "fused" else generation_module.left_pad
+    ids, mask = pad(prompts, m.pad_token_id)
+    positions = None if attention == "fused" else np.where(mask == 1, mask.cumsum(-1) - 1, 0)
+    full, _ = m.forward(ids, mask, positions)  # the graph's default: every position
+    at = mask.sum(-1) - 1 if attention == "fused" else np.full(2, ids.shape[1] - 1)
+    np.testing.assert_allclose(last, full[np.arange(2), at], rtol=0, atol=1e-5)
     steps.send(np.array([[3], [4]]))
 
 

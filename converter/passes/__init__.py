@@ -6,14 +6,17 @@ from .fold_transposes import FoldWeightTransposes
 from .fp16 import ToFloat16
 from .fusions import OrtFusions
 from .ir_version import MAX_IR_VERSION, PinIrVersion
+from .logits_positions import LOGITS_POSITION, LogitsPositions
 from .quantize_dense import QuantizeDense
 from .quantize_experts import QuantizeExperts
 
 __all__ = [
+    "LOGITS_POSITION",
     "MAX_IR_VERSION",
     "BindWeights",
     "CheckFusedMoE",
     "FoldWeightTransposes",
+    "LogitsPositions",
     "OrtFusions",
     "PinIrVersion",
     "QuantizeDense",
