@@ -383,6 +383,7 @@ def test_traced_attention_model_batches_requests_arriving_together(converted, mo
     from moerun.serve import scheduler
 
     monkeypatch.setattr(scheduler, "JOIN_GAP", 0.5)  # a loaded machine must not split the four into groups
+    monkeypatch.setattr(scheduler, "JOIN_WINDOW", 3.0)
     model = MoEModel.load(converted["k1_e4_h72"], provider="cpu", threads=2)  # head size 18: traced attention
     assert not model.manifest.fused_attention
     prompts = [[1, 20, 30, 40], [1, 7], [1, 100, 101, 102, 103, 104], [1, 3, 9]]
