@@ -245,6 +245,21 @@ def assert_int4_agrees(name: str, vocab: int, fp32: Path, int4: Path, measured: 
     assert free >= measured[1] - FREE_RUNNING_MARGIN, figures
 
 
+def assert_greedy_matches_generate(hf, model_dir, alone: bool = False) -> None:
+    """16 greedy tokens of the runtime's generation loop (left-padded prompts of different lengths, no EOS) equal
+    transformers' ``generate``; with ``alone``, each prompt run alone gives the same (the batch changes nothing)."""
+    from moerun import MoEModel
+    from moerun.converter.verify import sample_prompts
+
+    prompts = sample_prompts(hf.config.vocab_size, seed=2, lengths=(3, 10, 6))
+    model = MoEModel.load(model_dir, provider="cpu")
+    model.manifest.eos_token_id = []
+    expected = hf_greedy(hf, prompts, 16)
+    assert model.generate_ids(prompts, max_new_tokens=16) == expected
+    if alone:
+        assert [model.generate_ids([p], max_new_tokens=16)[0] for p in prompts] == expected
+
+
 def hf_greedy(hf, prompts, new_tokens: int) -> list[list[int]]:
     """`model.generate` greedy on left-padded prompts, no EOS: every row has `new_tokens` tokens."""
     from moerun.converter.verify import padded

@@ -18,6 +18,7 @@ import transformers
 
 from conftest import (
     assert_experts_only_in_fused_nodes,
+    assert_greedy_matches_generate,
     assert_int4_agrees,
     hf_greedy,
     hf_logits_prefill_and_steps,
@@ -137,12 +138,7 @@ def test_right_padded_batch_matches_each_prompt_alone(converted_family):
 def test_greedy_matches_generate(converted_family):
     """The runtime's generation loop carries both states step to step (left-padded prompts of different lengths)."""
     _, hf, fp32, _ = converted_family
-    prompts = sample_prompts(hf.config.vocab_size, seed=2, lengths=(3, 10, 6))
-    model = MoEModel.load(fp32, provider="cpu")
-    model.manifest.eos_token_id = []
-    expected = hf_greedy(hf, prompts, 16)
-    assert model.generate_ids(prompts, max_new_tokens=16) == expected
-    assert [model.generate_ids([p], max_new_tokens=16)[0] for p in prompts] == expected
+    assert_greedy_matches_generate(hf, fp32, alone=True)
 
 
 def test_one_fused_node_per_moe_layer_and_one_scan_per_linear_layer(converted_family):

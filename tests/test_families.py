@@ -11,9 +11,14 @@ import pytest
 import torch
 import transformers
 
-from conftest import assert_experts_only_in_fused_nodes, assert_int4_agrees, assert_matches_pytorch, hf_greedy, run_cli
+from conftest import (
+    assert_experts_only_in_fused_nodes,
+    assert_greedy_matches_generate,
+    assert_int4_agrees,
+    assert_matches_pytorch,
+    run_cli,
+)
 from moerun import MoEModel
-from moerun.converter.verify import sample_prompts
 
 COMMON = dict(vocab_size=160, hidden_size=64, num_attention_heads=4, max_position_embeddings=256,
               bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False)
@@ -93,10 +98,7 @@ def test_logits_match_pytorch(family):
 
 def test_greedy_matches_generate(family):
     _, hf, fp32, _ = family
-    prompts = sample_prompts(hf.config.vocab_size, seed=2, lengths=(3, 10, 6))
-    model = MoEModel.load(fp32, provider="cpu")
-    model.manifest.eos_token_id = []
-    assert model.generate_ids(prompts, max_new_tokens=16) == hf_greedy(hf, prompts, 16)
+    assert_greedy_matches_generate(hf, fp32)
 
 
 def test_one_fused_node_per_moe_layer(family):

@@ -15,7 +15,12 @@ import pytest
 import torch
 import transformers
 
-from conftest import assert_int4_agrees, hf_greedy, hybrid_logits_error, hybrid_state_errors
+from conftest import (
+    assert_greedy_matches_generate,
+    assert_int4_agrees,
+    hybrid_logits_error,
+    hybrid_state_errors,
+)
 from moerun import MoEModel
 from moerun.converter.verify import padded, sample_prompts
 
@@ -108,13 +113,7 @@ def test_conv_state_follows_pytorch_over_32_steps(lfm2):
 def test_greedy_matches_generate(lfm2):
     """The runtime's generation loop carries the states step to step (left-padded prompts of different lengths)."""
     hf, fp32, _ = lfm2
-    prompts = sample_prompts(hf.config.vocab_size, seed=2, lengths=(3, 10, 6))
-    model = MoEModel.load(fp32, provider="cpu")
-    model.manifest.eos_token_id = []
-    expected = hf_greedy(hf, prompts, 16)
-    assert model.generate_ids(prompts, max_new_tokens=16) == expected
-    # each prompt alone: the same tokens
-    assert [model.generate_ids([p], max_new_tokens=16)[0] for p in prompts] == expected
+    assert_greedy_matches_generate(hf, fp32, alone=True)
 
 
 def test_one_fused_node_per_moe_layer(lfm2):

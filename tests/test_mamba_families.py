@@ -17,8 +17,8 @@ import transformers
 
 from conftest import (
     assert_experts_only_in_fused_nodes,
+    assert_greedy_matches_generate,
     assert_int4_agrees,
-    hf_greedy,
     hybrid_logits_error,
     hybrid_state_errors,
 )
@@ -144,10 +144,7 @@ def test_right_padded_batch_matches_each_prompt_alone(mamba):
 def test_greedy_matches_generate(mamba):
     """The runtime's generation loop carries both states step to step (left-padded prompts of different lengths)."""
     _, hf, fp32, _ = mamba
-    prompts = sample_prompts(hf.config.vocab_size, seed=2, lengths=(3, 10, 6))
-    model = MoEModel.load(fp32, provider="cpu")
-    model.manifest.eos_token_id = []
-    assert model.generate_ids(prompts, max_new_tokens=16) == hf_greedy(hf, prompts, 16)
+    assert_greedy_matches_generate(hf, fp32)
 
 
 def test_one_fused_node_per_moe_layer(mamba):
