@@ -470,6 +470,48 @@ def test_requests_arriving_close_together_are_prefilled_together(model, monkeypa
         assert outputs[i] == model.generate_ids([prompt], max_new_tokens=6)[0]
 
 
+def test_a_request_after_one_served_alone_is_not_held_for_the_join_window(model, monkeypatch):
+    """One client sends its next request when its last one ended: nobody is right behind it, so the scheduler, idle
+    after serving one request alone, prefills it at once. A new scheduler, and one that has just served two
+    requests at once, wait JOIN_GAP for company. Each request still gets what it gets alone."""
+    from moerun.runtime.generation import SamplingConfig
+    from moerun.serve import scheduler as sched
+
+    monkeypatch.setattr(sched, "JOIN_GAP", 1.0)
+    monkeypatch.setattr(sched, "JOIN_WINDOW", 1.0)
+    scheduler = sched.Scheduler(model, max_batch=4, max_queue=8, max_len=64)
+    prompts = [model.tokenizer.encode(p) for p in PROMPTS[:5]]
+
+    def send(batch: list[int]) -> dict[int, tuple[float, list[int]]]:
+        """Submits PROMPTS[i] for i in batch at once; (time to first token, tokens) of each, once all ended."""
+        out, done = {i: (0.0, []) for i in batch}, threading.Semaphore(0)
+
+        def emit(i, start):
+            def receive(kind, value):
+                if kind != "token":
+                    return done.release()
+                if not out[i][1]:
+                    out[i] = (time.monotonic() - start, out[i][1])
+                out[i][1].append(value)
+            return receive
+
+        for i in batch:
+            scheduler.submit(sched.Request(prompts[i], 4, SamplingConfig(), emit(i, time.monotonic())))
+        for _ in batch:
+            assert done.acquire(timeout=60)
+        return out
+
+    try:
+        first, alone, pair, after_pair = send([0]), send([1]), send([2, 3]), send([4])
+    finally:
+        scheduler.close()
+    assert first[0][0] >= 1.0, "a new scheduler waits for company"
+    assert alone[1][0] < 0.5, f"{alone[1][0]:.2f} s to the first token after a request served alone"
+    assert after_pair[4][0] >= 1.0, "two requests were served at once: the next one waits for company again"
+    for i, (_, tokens) in {**first, **alone, **pair, **after_pair}.items():
+        assert tokens == model.generate_ids([prompts[i]], max_new_tokens=4)[0]
+
+
 def test_recurrent_state_model_batches_requests_arriving_together(lfm2_moe_exports, monkeypatch):
     """A hybrid model (LFM2-MoE: short-convolution states beside the KV cache) is served by the runner's own step
     loop, which carries the states: three requests arriving together share one batch, each getting its tokens
