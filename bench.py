@@ -8,6 +8,7 @@ Written by hand: no library measures an MoE export against its PyTorch original 
 
 from __future__ import annotations
 
+import inspect
 import json
 import statistics
 import sys
@@ -85,11 +86,13 @@ def _worker_hf(checkpoint: str, batch: int, length: int, new_tokens: int, thread
         torch.set_num_threads(threads)
     model = AutoModelForCausalLM.from_pretrained(checkpoint).eval()
     ids = torch.tensor(_prompts(model.config.vocab_size, batch, length))
+    # the last position's logits only, as transformers' generate asks at prefill (and moerun's runtime does)
+    last = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
 
     def run(steps: int) -> tuple[float, float, list]:
         with torch.no_grad():
             start = time.perf_counter()
-            out = model(input_ids=ids, use_cache=True)
+            out = model(input_ids=ids, use_cache=True, **last)
             token = out.logits[:, -1].argmax(-1, keepdim=True)
             prefill = time.perf_counter() - start
             cache, start, tokens = out.cache, time.perf_counter(), [token]
