@@ -212,9 +212,11 @@ class DecoderRunner:
         for name, value in zip(self.past_names, past):
             binding.bind_ortvalue_input(name, value)
         batch, width = input_ids.shape
-        last = np.full(batch, width - 1)
-        logits = (self.bind_logits(binding, last, width) if last_only else
-                  bind_host_output(binding, "logits", (batch, width, self.vocab), self.logits_dtype))
+        if last_only:
+            last = np.full(batch, width - 1)
+            logits = self.bind_logits(binding, last, width)
+        else:
+            logits = bind_host_output(binding, "logits", (batch, width, self.vocab), self.logits_dtype)
         for name in self.present_names:
             binding.bind_output(name, self.device)
         self.session.run_with_iobinding(binding)

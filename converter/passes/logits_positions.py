@@ -34,7 +34,7 @@ class LogitsPositions(ir.passes.InPlacePass):
         graph = model.graph
         logits = next((v for v in graph.outputs if v.name == "logits"), None)
         head = _head(logits)
-        if head is None or LOGITS_POSITION in graph.initializers:
+        if head is None:
             log.info("no LM head found before 'logits': logits_position not added")
             return ir.passes.PassResult(model, modified=False)
         hidden = head.inputs[0]
