@@ -287,29 +287,38 @@ def translate(model_dir: Path, src_lang: str | None, tgt_lang: str | None, beams
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind (loopback by default).")
 @click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True)
 @click.option("--max-batch", type=click.IntRange(min=1), default=8, show_default=True,
-              help="Requests decoded together (continuous batching; traced-attention models serve one at a time).")
+              help="Requests decoded together (continuous batching on fused-attention models; traced-attention and "
+                   "recurrent-state models batch the requests arriving together, statically).")
 @click.option("--max-queue", type=click.IntRange(min=1), default=64, show_default=True,
               help="Requests waiting for a slot; past it the server answers 503 with Retry-After.")
 @click.option("--max-len", type=click.IntRange(min=2), default=None,
               help="Tokens per request, prompt + max_tokens (default: the model's max positions, at most "
                    "4096; each slot's KV cache is allocated at start).")
-@click.option("--api-key", default=None, help="Require 'Authorization: Bearer KEY' on /v1/*.")
+@click.option("--api-key", default=None, envvar="MOERUN_API_KEY", show_envvar=True,
+              help="Require 'Authorization: Bearer KEY' on /v1/* (prefer the environment variable: a command-line "
+                   "key shows in ps).")
+@click.option("--max-body-mb", type=click.FloatRange(min=0, min_open=True), default=16.0, show_default=True,
+              help="Largest /v1 request body; a larger one is refused (413) before it is read whole.")
 @click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=600.0, show_default=True,
               help="Seconds a request may take from arrival to its last token.")
 @click.option("--provider", type=click.Choice(PROVIDERS), default="auto", show_default=True)
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="ONNX Runtime intra-op threads.")
 @click.option("--ray", "use_ray", is_flag=True, help="Serve as Ray Serve replicas (RAY_ADDRESS: join a cluster).")
+@click.option("--ray-node-ip", default="127.0.0.1", show_default=True,
+              help="Address of the local Ray head started by --ray (anyone reaching Ray's ports can run code on it: "
+                   "loopback unless the replicas span machines).")
 @click.option("--replicas", type=click.IntRange(min=1), default=1, show_default=True, help="Ray Serve replicas.")
 def serve(model_dir: Path, host: str, port: int, max_batch: int, max_queue: int, max_len: int | None,
-          api_key: str | None, timeout: float, provider: str, threads: int | None, use_ray: bool,
-          replicas: int) -> None:
+          api_key: str | None, max_body_mb: float, timeout: float, provider: str, threads: int | None, use_ray: bool,
+          ray_node_ip: str, replicas: int) -> None:
     """Serve MODEL_DIR over an OpenAI-compatible HTTP API (completions, chat, translations, /metrics)."""
     from .serve.launch import serve as run_server
     from .serve.settings import ServeSettings
 
     settings = ServeSettings(max_batch=max_batch, max_queue=max_queue, api_key=api_key, timeout=timeout,
-                             max_len=max_len)
-    run_server(model_dir, host, port, settings, provider, threads, use_ray, replicas, on_ready=err.print)
+                             max_len=max_len, max_body_bytes=int(max_body_mb * 2**20))
+    run_server(model_dir, host, port, settings, provider, threads, use_ray, replicas, on_ready=err.print,
+               ray_node_ip=ray_node_ip)
 
 
 def _utf8_lines(data: bytes) -> list[str]:

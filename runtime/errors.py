@@ -11,6 +11,7 @@ __all__ = [
     "ModelDirError",
     "OutputExistsError",
     "PlacementError",
+    "RequestCancelledError",
     "RequestError",
     "UnsupportedModelError",
     "VerificationError",
@@ -48,6 +49,10 @@ class ModelDirError(MoerunError):
 class RequestError(MoerunError):
     """A generation request cannot be run as asked: empty or too long prompts, token ids outside the
     vocabulary, impossible options."""
+
+
+class RequestCancelledError(MoerunError):
+    """A generation was stopped before it finished (its caller's should_stop said so: a timeout, a disconnect)."""
 
 
 class InferenceError(MoerunError):

@@ -223,9 +223,12 @@ class DecoderRunner:
         return (self.last_logits(logits, last) if last_only else logits), list(binding.get_outputs()[1:])
 
     def generate(self, prompts: list[list[int]], max_new_tokens: int, sampling: SamplingConfig,
-                 eos_token_ids: list[int], pad_token_id: int) -> tuple[list[list[int]], GenerationStats]:
+                 eos_token_ids: list[int], pad_token_id: int,
+                 pickers: list | None = None) -> tuple[list[list[int]], GenerationStats]:
         """New tokens per prompt, each ending at (and including) its first EOS token.
 
+        ``pickers``: a runtime.logits.TokenPicker per prompt (penalties, logit_bias, a grammar, logprobs), which
+        then picks each row's tokens (in row order, from its own generator); a row whose grammar is complete ends.
         ``decode_tokens`` in the stats counts the tokens the decode steps really generated: a row that has
         finished is still computed (the batch keeps its shape) but counts no more."""
         if max_new_tokens < 1:
@@ -245,9 +248,16 @@ class DecoderRunner:
         for t in range(max_new_tokens):
             # per-step Python stays small beside the graph: no copy of float32 logits, and a comparison with the
             # few EOS ids instead of np.isin (measured: 74 us of Python per decode step, ~0.5% of a GPT-OSS step)
-            token = np.where(finished, pad_token_id, pick_next(logits.astype(np.float32, copy=False), sampling, rng))
+            if pickers is None:
+                picked = pick_next(logits.astype(np.float32, copy=False), sampling, rng)
+            else:
+                picked = np.array([pad_token_id if done else picker.pick(row).token
+                                   for picker, row, done in zip(pickers, logits, finished)])
+            token = np.where(finished, pad_token_id, picked)
             generated[:, t] = token
             finished |= (token[:, None] == eos).any(axis=-1)
+            if pickers is not None:
+                finished |= [picker.done for picker in pickers]
             if finished.all() or t == max_new_tokens - 1:
                 break
             logits = steps.send(token[:, None])

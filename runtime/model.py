@@ -7,6 +7,7 @@ import logging
 import threading
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,8 @@ import numpy as np
 from .checks import check_count, check_fits, check_graph, check_ids, check_prompts, check_texts
 from .errors import ModelDirError, MoerunError, MoerunWarning, PlacementError, RequestError
 from .generation import DecoderRunner, GenerationStats, SamplingConfig, right_pad, trim_at_eos
+from .grammar import Grammar, response_schema, schema_grammar
+from .logits import LogitsOptions, TokenPicker
 from .manifest import MANIFEST_FILE, Manifest, decoder_io_names, seq2seq_io_names
 from .search import SearchConfig, search
 from .seq2seq import EncoderOutput, Seq2SeqRunner
@@ -206,20 +209,46 @@ class DecoderModel(MoEModel):
 
     def generate_ids(self, prompts: list[list[int]], max_new_tokens: int = 32, *, do_sample: bool = False,
                      temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-                     seed: int | None = None) -> list[list[int]]:
+                     seed: int | None = None, response_format: dict | None = None, logprobs: int | None = None,
+                     presence_penalty: float = 0.0, frequency_penalty: float = 0.0,
+                     repetition_penalty: float = 1.0, logit_bias: dict[int, float] | None = None) -> list[list[int]]:
         """New token ids per prompt (greedy by default); each row ends at its first EOS.
+
+        ``response_format``: OpenAI's {"type": "json_object"} or {"type": "json_schema", "json_schema": {"schema":
+        ...}} (or a bare JSON schema): every row's text is JSON that validates (constrained decoding, llguidance).
+        ``logprobs``: k >= 0 records each token's log-probability and the k most likely in ``last_picks`` (per
+        row, per token: runtime.logits.Pick), from the logits that picked it (after penalties and the grammar).
+        The penalties and logit_bias are OpenAI's (runtime.logits).
 
         The request is checked whole before the model runs: ids in the vocabulary, and every prompt with its
         max_new_tokens within the model's positions."""
         prompts = check_prompts(prompts, self.manifest.vocab_size)
         check_count(max_new_tokens, "max_new_tokens")
         sampling = SamplingConfig(do_sample, temperature, top_k, top_p, seed)
+        options = LogitsOptions(presence_penalty, frequency_penalty, repetition_penalty, dict(logit_bias or {}),
+                                logprobs)
         check_fits([len(p) for p in prompts], max_new_tokens, self.manifest.max_positions)
+        pickers = None
+        if response_format is not None or not options.plain:
+            grammar = None if response_format is None else self.grammar(response_format)
+            rng = np.random.default_rng(seed)
+            pickers = [TokenPicker(sampling, options, grammar and grammar.matcher(), rng, p) for p in prompts]
         with onnxruntime_errors(self.manifest.model_file):
             out, self.last_stats = self.runner.generate(
-                prompts, max_new_tokens, sampling, self.manifest.eos_token_id, self.pad_token_id
+                prompts, max_new_tokens, sampling, self.manifest.eos_token_id, self.pad_token_id, pickers
             )
+        self._local.picks = [] if pickers is None else [p.picks for p in pickers]
         return out
+
+    @property
+    def last_picks(self) -> list:
+        """Per row of this thread's last generate_ids call with ``logprobs``: a runtime.logits.Pick per token."""
+        return getattr(self._local, "picks", [])
+
+    def grammar(self, response_format: dict) -> Grammar:
+        """The compiled grammar for an OpenAI ``response_format`` (json_object, json_schema) or a bare schema."""
+        return schema_grammar(response_schema(response_format), self.tokenizer, self.runner.vocab,
+                              self.manifest.eos_token_id)
 
     def generate(self, prompts: str | list[str], max_new_tokens: int = 32, **sampling) -> str | list[str]:
         """Completions (the new text only), greedy unless do_sample=True: a str for a str, a list for a list."""
@@ -265,9 +294,12 @@ class Seq2SeqModel(MoEModel):
     def translate_ids(self, sources: list[list[int]], *, forced_bos_token_id: int | None = None,
                       num_beams: int = 1, max_length: int = 200, max_new_tokens: int | None = None,
                       length_penalty: float = 1.0, early_stopping: bool | str = False,
-                      no_repeat_ngram_size: int = 0, prune: bool = True) -> list[list[int]]:
+                      no_repeat_ngram_size: int = 0, prune: bool = True,
+                      should_stop: Callable[[], bool] | None = None) -> list[list[int]]:
         """Decoder token ids per source, as Hugging Face ``generate`` returns them (start token first,
-        then the forced language token if any, the translation, eos), without trailing padding."""
+        then the forced language token if any, the translation, eos), without trailing padding.
+        ``should_stop``: asked before each decoder step; True raises RequestCancelledError (a server's timeout or a
+        client gone)."""
         m = self.manifest
         if m.decoder_start_token_id is None:
             raise MoerunError(f"{self.directory}: the manifest has no decoder_start_token_id")
@@ -277,7 +309,7 @@ class Seq2SeqModel(MoEModel):
         start_time = time.perf_counter()
         encoded = self.encode(sources)
         encode_s = time.perf_counter() - start_time
-        state = self.runner.start(encoded)
+        state = self.runner.start(encoded, should_stop)
         start = np.full((len(sources), 1), m.decoder_start_token_id, dtype=np.int64)
         with onnxruntime_errors(m.model_file):
             result = search(state, len(sources), start, eos_token_id=m.eos_token_id,

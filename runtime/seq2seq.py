@@ -8,12 +8,14 @@ indexes the rows of the previous step, which both reorders beams and drops finis
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import onnxruntime as ort
 
 from .buffers import bind_host_output, bind_input, device_buffer, output_spec, to_device
+from .errors import RequestCancelledError
 from .manifest import Manifest, seq2seq_io_names
 
 __all__ = ["EncoderOutput", "Seq2SeqRunner"]
@@ -34,8 +36,10 @@ class _DecodeState:
     keys and values are uploaded once, and again only when sentences leave the batch.
     """
 
-    def __init__(self, runner: Seq2SeqRunner, encoded: EncoderOutput) -> None:
+    def __init__(self, runner: Seq2SeqRunner, encoded: EncoderOutput,
+                 should_stop: Callable[[], bool] | None = None) -> None:
         self.runner = runner
+        self.should_stop = should_stop  # asked before each step: True ends the search (RequestCancelledError)
         self.encoded = encoded
         self.entries: np.ndarray | None = None   # batch entry of each live row
         self.cross: list[ort.OrtValue] = []      # on the runner's device
@@ -46,6 +50,8 @@ class _DecodeState:
         self.seconds = 0.0
 
     def __call__(self, rows: np.ndarray, tokens: np.ndarray) -> np.ndarray:
+        if self.should_stop is not None and self.should_stop():
+            raise RequestCancelledError("the translation was stopped before it finished")
         start = time.perf_counter()
         rows = np.asarray(rows, dtype=np.int64)
         if self.entries is None:  # first step: rows index batch entries
@@ -117,6 +123,6 @@ class Seq2SeqRunner:
         self.decoder.run_with_iobinding(binding)
         return logits, list(binding.get_outputs()[1:])
 
-    def start(self, encoded: EncoderOutput) -> _DecodeState:
+    def start(self, encoded: EncoderOutput, should_stop: Callable[[], bool] | None = None) -> _DecodeState:
         """A fresh decoding state for ``encoded``: the ``step`` callable of runtime.search."""
-        return _DecodeState(self, encoded)
+        return _DecodeState(self, encoded, should_stop)

@@ -13,10 +13,11 @@ import re
 from pathlib import Path
 
 from tokenizers import Tokenizer as _HFTokenizer
+from tokenizers.decoders import DecodeStream
 
 from .errors import ModelDirError, UnsupportedModelError
 
-__all__ = ["Tokenizer"]
+__all__ = ["TextStream", "Tokenizer"]
 
 # NLLB's (FLORES-200) language codes: ISO 639-3 + ISO 15924 script, e.g. eng_Latn, zho_Hans.
 _LANGUAGE_CODE = re.compile(r"^[a-z]{3}_[A-Z][a-z]{3}$")
@@ -114,10 +115,48 @@ class Tokenizer:
         """Text without special tokens (pads, </s>, language codes), clean-up included: what transformers'
         decode(..., skip_special_tokens=True) gives."""
         text = self._tok.decode(list(ids), skip_special_tokens=True)
-        if self._clean_up:
-            for before, after in _CLEAN_UP:
-                text = text.replace(before, after)
-        return text
+        return _clean_up(text) if self._clean_up else text
+
+    def text_stream(self, skip_special_tokens: bool = True) -> TextStream:
+        """Token ids to text one at a time, without re-decoding the sequence (see TextStream)."""
+        return TextStream(self, skip_special_tokens)
+
+    def to_json(self) -> str:
+        """tokenizer.json's content (what llguidance indexes)."""
+        return self._tok.to_str()
 
     def token_id(self, token: str) -> int | None:
         return self._tok.token_to_id(token)
+
+
+class TextStream:
+    """Token ids to text as they arrive: tokenizers' DecodeStream (it keeps a few ids of context, never the whole
+    sequence; a piece is returned once its characters are whole), then transformers' clean-up where the tokenizer
+    applies it. The pieces joined, with ``flush()``, equal ``decode`` of all the ids."""
+
+    def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = True) -> None:
+        self._tokenizer = tokenizer
+        self._stream = DecodeStream(skip_special_tokens=skip_special_tokens)
+        self._pending = ""  # a tail the clean-up could still rewrite once the next piece arrives
+
+    def step(self, token: int) -> str:
+        piece = self._stream.step(self._tokenizer._tok, int(token)) or ""
+        if not self._tokenizer._clean_up:
+            return piece
+        text = self._pending + piece
+        # every clean-up pattern starts with a space and is at most 4 characters long: a space among the last 3
+        # characters may begin one that the next piece completes
+        space = text.find(" ", max(0, len(text) - 3))
+        keep = len(text) - space if space >= 0 else 0
+        self._pending = text[len(text) - keep:]
+        return _clean_up(text[: len(text) - keep])
+
+    def flush(self) -> str:
+        text, self._pending = self._pending, ""
+        return _clean_up(text)
+
+
+def _clean_up(text: str) -> str:
+    for before, after in _CLEAN_UP:
+        text = text.replace(before, after)
+    return text

@@ -57,11 +57,14 @@ class ChatTemplate:
         env.globals["raise_exception"] = _raise_exception
         env.globals["strftime_now"] = _strftime_now
         self.template = env.from_string(source)
+        self.source = source
         self.special_tokens = special_tokens
 
-    def render(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+    def render(self, messages: list[dict], tools: list[dict] | None = None, add_generation_prompt: bool = True) -> str:
+        """The prompt for ``messages`` (OpenAI's dicts) and ``tools`` (OpenAI's function tools, passed as
+        transformers passes JSON-schema tools: unchanged)."""
         try:
-            return self.template.render(messages=messages, tools=None, documents=None,
+            return self.template.render(messages=messages, tools=tools or None, documents=None,
                                         add_generation_prompt=add_generation_prompt, **self.special_tokens)
         except jinja2.exceptions.TemplateError as e:
             raise RequestError(f"the chat template refused these messages: {e}") from None

@@ -8,6 +8,8 @@ hybrid graphs with recurrent state) runs the requests that arrive together as on
 
 from __future__ import annotations
 
+import ctypes
+
 import numpy as np
 import onnxruntime as ort
 
@@ -85,6 +87,18 @@ class SlotEngine:
         binding.bind_cpu_input("attention_mask", mask)
         self.runner.session.run_with_iobinding(binding)
         return logits[:, -1]
+
+    def copy_slot(self, source: int, target: int) -> None:
+        """Slot ``source``'s KV cache into slot ``target`` (n choices of one prompt share its prefill)."""
+        for buffer, row_bytes in zip(self.buffers, self.row_bytes):
+            if self.runner.device == "cpu":
+                base = buffer.data_ptr()
+                ctypes.memmove(base + target * row_bytes, base + source * row_bytes, row_bytes)
+            else:  # through the host (untested: the test suite has no GPU)
+                host = buffer.numpy()
+                host[target] = host[source]
+                buffer.update_inplace(host)
+        self.lengths[target] = self.lengths[source]
 
     def release(self, slot: int) -> None:
         self.lengths[slot] = 0

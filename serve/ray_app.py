@@ -41,17 +41,19 @@ def build_application(model_dir: Path, settings: ServeSettings, provider: str = 
 
 
 def run_ray(model_dir: Path, settings: ServeSettings, host: str, port: int, replicas: int, provider: str = "auto",
-            threads: int | None = None, blocking: bool = True) -> None:
-    """Starts a local Ray (or joins the cluster at RAY_ADDRESS), then Ray Serve's proxy on host:port, then the
-    application; blocks until interrupted when ``blocking``."""
+            threads: int | None = None, blocking: bool = True, node_ip: str = "127.0.0.1") -> None:
+    """Starts a local Ray head on ``node_ip`` (loopback by default: anyone reaching Ray's ports can run code), or
+    joins the cluster at RAY_ADDRESS, then Ray Serve's proxy on host:port, then the application; blocks until
+    interrupted when ``blocking``."""
     try:
         import ray
         from ray import serve
     except ImportError:
         raise MoerunError("--ray needs Ray Serve: pip install 'moerun[ray]'") from None
     address = os.environ.get("RAY_ADDRESS")
+    local = {} if address else {"_node_ip_address": node_ip}
     ray.init(address=address or None, include_dashboard=False, ignore_reinit_error=True,
-             logging_level=logging.WARNING)
+             logging_level=logging.WARNING, **local)
     serve.start(http_options={"host": host, "port": port})
     app = build_application(model_dir, settings, provider, threads, replicas)
     serve.run(app, name="moerun", route_prefix="/", blocking=blocking)

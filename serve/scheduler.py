@@ -14,10 +14,11 @@ import numpy as np
 
 from ..runtime.errors import MoerunError
 from ..runtime.generation import SamplingConfig, pick_next
+from ..runtime.logits import TokenPicker
 from .engine import make_engine
 from .metrics import ServeMetrics
 
-__all__ = ["QueueFullError", "Request", "Scheduler"]
+__all__ = ["QueueFullError", "Request", "Scheduler", "SchedulerStoppedError"]
 
 log = logging.getLogger(__name__)
 
@@ -40,11 +41,19 @@ class QueueFullError(MoerunError):
     """The scheduler's queue is full: the server answers 503 with Retry-After at once."""
 
 
+class SchedulerStoppedError(MoerunError):
+    """The scheduler is shutting down, or its thread has stopped: the server answers 503."""
+
+
 @dataclass(eq=False)
 class Request:
     """One generation. ``emit(kind, value)`` is called on the scheduler thread: ("token", id) per new token,
-    then once ("finish", reason) with reason "stop" (an EOS token), "length" (max_tokens), "cancelled",
-    "timeout", or ("error", message)."""
+    then once ("finish", reason) with reason "stop" (an EOS token, or the grammar complete), "length"
+    (max_tokens), "cancelled", "timeout", "shutdown", or ("error", message).
+
+    ``picker``: a TokenPicker (penalties, logit_bias, a grammar, logprobs: its ``picks``) that picks this request's
+    tokens; None: ``sampling`` alone. ``copies``: requests with the same prompt (n choices) that take this one's
+    prefill, its KV cache copied into their slots."""
 
     prompt: list[int]
     max_tokens: int
@@ -53,6 +62,8 @@ class Request:
     timeout: float | None = None
     arrived: float = field(default_factory=time.monotonic)
     cancelled: bool = False
+    picker: TokenPicker | None = None
+    copies: list[Request] = field(default_factory=list)
 
     def cancel(self) -> None:
         """Leave at the next step boundary (a stop string, a disconnected client); its slot is freed then."""
@@ -93,6 +104,7 @@ class Scheduler:
         self._peak = 0  # most requests holding slots at once since the scheduler was last idle
         self._solo = False  # the last busy spell served one request alone (a new scheduler may get a burst)
         self._closed = threading.Event()
+        self.failure: str | None = None  # why the scheduler thread stopped, when it did on its own
         self._thread = threading.Thread(target=self._loop, name="moerun-scheduler", daemon=True)
         self._thread.start()
 
@@ -108,9 +120,16 @@ class Scheduler:
     def busy(self) -> int:
         return len(self._running)
 
+    @property
+    def alive(self) -> bool:
+        """The scheduler thread runs and takes requests."""
+        return self._thread.is_alive() and not self._closed.is_set()
+
     def submit(self, request: Request) -> None:
         if self._closed.is_set():
-            raise MoerunError("the server is shutting down")
+            raise SchedulerStoppedError("the server is shutting down")
+        if not self._thread.is_alive():
+            raise SchedulerStoppedError(f"the scheduler has stopped ({self.failure}); restart the server")
         try:
             self._queue.put_nowait(request)
         except queue.Full:
@@ -124,16 +143,30 @@ class Scheduler:
     # --- the scheduler thread ---------------------------------------------------------------------
 
     def _loop(self) -> None:
-        while not self._closed.is_set():
-            self._admit()
-            if self._running:
-                self._step()
-        for slot in list(self._running):
-            self._finish(slot, "cancelled")
-        if self._held is not None:
-            _tell(self._held, "finish", "cancelled")
-        while not self._queue.empty():
-            _tell(self._queue.get_nowait(), "finish", "cancelled")
+        """Admit and step until closed. A failure outside the model's runs (which fail only their requests) fails the
+        running requests and the loop goes on; if the thread dies all the same, every request it holds is told."""
+        reason = "shutdown"
+        try:
+            while not self._closed.is_set():
+                try:
+                    self._admit()
+                    if self._running:
+                        self._step()
+                except Exception as e:
+                    log.exception("scheduler step failed")
+                    for slot in list(self._running):
+                        self._finish(slot, "error", f"internal error: {_first_line(e)}")
+        except BaseException as e:
+            self.failure = reason = f"the scheduler thread stopped: {_first_line(e)}"
+            raise
+        finally:
+            waiting = [entry.request for entry in self._running.values()]
+            waiting += [self._held] if self._held is not None else []
+            while not self._queue.empty():
+                waiting.append(self._queue.get_nowait())
+            for request in waiting:
+                for each in [request, *request.copies]:
+                    _tell(each, "finish", "shutdown") if reason == "shutdown" else _tell(each, "error", reason)
 
     def _admit(self) -> None:
         """Prefill waiting requests into free slots; waits (briefly, to notice close) only when nothing runs, and
@@ -143,6 +176,7 @@ class Scheduler:
         if self._running and not self.engine.joins_running:
             return
         joining: list[int] = []
+        copying: list[tuple[int, int]] = []  # (prefilled slot, slot taking a copy of its KV cache)
         window_ends = None
         wait_for_more = self.max_batch > 1 and (bool(self._running) or not self._solo)
         while len(self._running) < self.max_batch:
@@ -162,13 +196,20 @@ class Scheduler:
             if request.cancelled or request.expired:
                 _tell(request, "finish", "timeout" if request.expired else "cancelled")
                 continue
-            together = [*self._prompts(joining), request.prompt]
+            together = [*self._prompts(joining), *[request.prompt] * (1 + len(request.copies))]
             if joining and not self.engine.joins_running and not _one_prefill(together):
                 self._held = request
                 break
-            slot = min(set(range(self.max_batch)) - set(self._running))
-            self._running[slot] = _Running(request, np.random.default_rng(request.sampling.seed))
+            if len(self._running) + 1 + len(request.copies) > self.max_batch:
+                self._held = request  # its choices need more slots than are free: it goes first when they are
+                break
+            slot = self._open_slot(request)
             joining.append(slot)
+            for copy in request.copies:
+                if hasattr(self.engine, "copy_slot"):  # the prompt's KV cache is copied after the prefill
+                    copying.append((slot, self._open_slot(copy)))
+                else:  # prefilled in the same run, a row each
+                    joining.append(self._open_slot(copy))
         self.metrics.running.set(len(self._running))
         self._peak = max(self._peak, len(self._running))
         for group in self._prefill_groups(sorted(joining)):
@@ -182,7 +223,16 @@ class Scheduler:
                     self._finish(slot, "error", _reason(e))
                 continue
             for slot, row in zip(group, logits):
-                self._take(slot, row)
+                copies = [target for source, target in copying if source == slot]
+                for target in copies:
+                    self.engine.copy_slot(slot, target)
+                for each in [slot, *copies]:
+                    self._take(each, row)
+
+    def _open_slot(self, request: Request) -> int:
+        slot = min(set(range(self.max_batch)) - set(self._running))
+        self._running[slot] = _Running(request, np.random.default_rng(request.sampling.seed))
+        return slot
 
     def _prefill_groups(self, slots: list[int]) -> list[list[int]]:
         """Runs of consecutive slots, each one prefill: at most PREFILL_TOKENS padded tokens (its logits are
@@ -220,13 +270,20 @@ class Scheduler:
         """Pick the slot's next token from its logits (vocab,), as DecoderRunner.generate does for one prompt."""
         entry = self._running[slot]
         request = entry.request
-        token = int(pick_next(logits[None].astype(np.float32), request.sampling, entry.rng)[0])
+        if request.picker is None:
+            token = int(pick_next(logits[None].astype(np.float32), request.sampling, entry.rng)[0])
+        else:
+            try:
+                token = request.picker.pick(logits).token
+            except MoerunError as e:  # its grammar failed: this request fails, the others go on
+                self._finish(slot, "error", str(e))
+                return
         entry.last, entry.count = token, entry.count + 1
         if entry.count == 1:
             self.metrics.ttft.observe(time.monotonic() - request.arrived)
         self.metrics.tokens.inc()
         _tell(request, "token", token)
-        if token in self.eos:
+        if token in self.eos or (request.picker is not None and request.picker.done):
             self._finish(slot, "stop")
         elif entry.count >= request.max_tokens:
             self._finish(slot, "length")
@@ -259,6 +316,9 @@ def _tell(request: Request, kind: str, value) -> None:
         request.cancel()
 
 
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
 def _reason(e: Exception) -> str:
-    first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-    return f"ONNX Runtime failed: {first}"
+    return f"ONNX Runtime failed: {_first_line(e)}"
