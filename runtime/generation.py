@@ -238,6 +238,7 @@ class DecoderRunner:
         eos = np.array(eos_token_ids or [-1], dtype=np.int64)
         finished = np.zeros(batch, dtype=bool)
         generated = np.full((batch, max_new_tokens), pad_token_id, dtype=np.int64)
+        ends = np.full(batch, max_new_tokens)  # where rows ended other than at EOS
         stats = GenerationStats()
         start = time.perf_counter()
         run = self._fused_steps if self.manifest.fused_attention else self._traced_steps
@@ -256,14 +257,16 @@ class DecoderRunner:
             token = np.where(finished, pad_token_id, picked)
             generated[:, t] = token
             finished |= (token[:, None] == eos).any(axis=-1)
-            if pickers is not None:
-                finished |= [picker.done for picker in pickers]
+            if pickers is not None:  # a row whose grammar is complete ends here
+                ended = ~finished & [picker.done for picker in pickers]
+                ends[ended] = t + 1
+                finished |= ended
             if finished.all() or t == max_new_tokens - 1:
                 break
             logits = steps.send(token[:, None])
             stats.decode_tokens += int(batch - finished.sum())
         stats.decode_s = time.perf_counter() - start
-        return [trim_at_eos(row, eos) for row in generated.tolist()], stats
+        return [trim_at_eos(row[:end], eos) for row, end in zip(generated.tolist(), ends)], stats
 
     def _traced_steps(self, prompts, pad_token_id, max_new_tokens, stats):
         """A generator: yields last-position logits (batch, vocab), is sent the next tokens (batch, 1)."""

@@ -145,11 +145,15 @@ class TextStream:
             return piece
         text = self._pending + piece
         # every clean-up pattern starts with a space and is at most 4 characters long: a space among the last 3
-        # characters may begin one that the next piece completes
+        # characters may begin one that the next piece completes, and no pattern found may straddle the cut
         space = text.find(" ", max(0, len(text) - 3))
-        keep = len(text) - space if space >= 0 else 0
-        self._pending = text[len(text) - keep:]
-        return _clean_up(text[: len(text) - keep])
+        cut = space if space >= 0 else len(text)
+        for before, _ in _CLEAN_UP:
+            at = text.find(before, max(0, cut - len(before) + 1))
+            if 0 <= at < cut < at + len(before):
+                cut = at
+        self._pending = text[cut:]
+        return _clean_up(text[:cut])
 
     def flush(self) -> str:
         text, self._pending = self._pending, ""

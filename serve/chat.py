@@ -9,6 +9,7 @@ from pathlib import Path
 
 import jinja2
 import jinja2.ext
+from jinja2.exceptions import SecurityError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from ..runtime.errors import ModelDirError, RequestError
@@ -47,11 +48,19 @@ class _Generation(jinja2.ext.Extension):
         return caller()
 
 
+class _Sandbox(ImmutableSandboxedEnvironment):
+    """transformers' sandbox, except that reaching an unsafe attribute (``__globals__``, ``__class__``, ...) refuses the
+    template instead of rendering it as an empty string."""
+
+    def unsafe_undefined(self, obj, attribute):
+        raise SecurityError(f"access to attribute {attribute!r} of a {type(obj).__name__} object is unsafe")
+
+
 class ChatTemplate:
     """A compiled chat template with the tokenizer's special tokens (bos_token, eos_token, ...) as variables."""
 
     def __init__(self, source: str, special_tokens: dict[str, str]) -> None:
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+        env = _Sandbox(trim_blocks=True, lstrip_blocks=True,
                                             extensions=[_Generation, jinja2.ext.loopcontrols])
         env.filters["tojson"] = _tojson
         env.globals["raise_exception"] = _raise_exception

@@ -27,6 +27,11 @@ def _call_schema(tool: dict) -> dict:
             "required": ["name", "arguments"], "additionalProperties": False}
 
 
+def _compact(schema: dict) -> dict:
+    """The schema with llguidance's option for compact JSON (no free whitespace a model could write forever)."""
+    return {**schema, "x-guidance": {"whitespace_flexible": False}}
+
+
 def _literal(text: str, special_ids: dict[str, int]) -> str:
     """A Lark literal for ``text``; a special token by its id (llguidance's ``<[id]>``), which text cannot spell."""
     if text in special_ids:
@@ -63,7 +68,7 @@ class _Hermes(ToolFormat):
     _CALL = re.compile(r"<tool_call>\s*(\{.*?\})\s*</tool_call>", re.DOTALL)
 
     def grammar(self, tools, parallel, special_ids):
-        calls = " | ".join(f"%json {json.dumps(_call_schema(t))}" for t in tools)
+        calls = " | ".join(f"%json {json.dumps(_compact(_call_schema(t)))}" for t in tools)
         repeat = "+" if parallel else ""
         return (f"start: call{repeat}\ncall: {_literal('<tool_call>', special_ids)} \"\\n\" body \"\\n\" "
                 f"{_literal('</tool_call>', special_ids)}\nbody: {calls}\n")
@@ -87,7 +92,7 @@ class _Mistral(ToolFormat):
     def grammar(self, tools, parallel, special_ids):
         item = {"anyOf": [_call_schema(t) for t in tools]} if len(tools) > 1 else _call_schema(tools[0])
         array = {"type": "array", "items": item, "minItems": 1, **({} if parallel else {"maxItems": 1})}
-        return f"start: {_literal('[TOOL_CALLS]', special_ids)} body\nbody: %json {json.dumps(array)}\n"
+        return f"start: {_literal('[TOOL_CALLS]', special_ids)} body\nbody: %json {json.dumps(_compact(array))}\n"
 
     def parse(self, text):
         at = text.find(self.start)
@@ -112,7 +117,8 @@ class _Harmony(ToolFormat):
         def call(tool):
             head = (f"{_literal('<|channel|>', special_ids)} \"commentary to=functions.{tool['function']['name']} \" "
                     f"{_literal('<|constrain|>', special_ids)} \"json\" {_literal('<|message|>', special_ids)}")
-            return f"{head} %json {json.dumps(tool['function'].get('parameters') or {'type': 'object'})} " \
+            parameters = _compact(tool["function"].get("parameters") or {"type": "object"})
+            return f"{head} %json {json.dumps(parameters)} " \
                    f"{_literal('<|call|>', special_ids)}"
         return f"start: {' | '.join(f'({call(t)})' for t in tools)}\n"
 

@@ -107,13 +107,17 @@ def _health_latencies(base: str, stop: threading.Event) -> list[float]:
 
 
 def test_a_huge_prompt_leaves_health_answering(model, monkeypatch):
-    """A 20 MB prompt is refused by its length in characters before it is tokenized; a prompt that takes long to
-    tokenize is tokenized off the event loop: /health answers within 1 s all along."""
-    with serving(model, max_body_bytes=64 * 2**20) as (base, _):
+    """A 20 MB prompt is refused by the body limit, a 4 MB one by its length in characters, both before they are
+    tokenized; a prompt that takes long to tokenize is tokenized off the event loop: /health answers within 1 s all
+    along."""
+    with serving(model) as (base, _):
         stop = threading.Event()
         with ThreadPoolExecutor(1) as pool:
             latencies = pool.submit(_health_latencies, base, stop)
             r = httpx.post(f"{base}/v1/completions", json={"prompt": "Hi " * 7_000_000, "max_tokens": 1},
+                           timeout=120)
+            assert r.status_code == 413, r.text[:300]
+            r = httpx.post(f"{base}/v1/completions", json={"prompt": "Hi " * 1_400_000, "max_tokens": 1},
                            timeout=120)
             assert r.status_code == 400 and "characters" in r.json()["error"]["message"], r.text[:300]
             encode = model.tokenizer.encode

@@ -21,10 +21,8 @@ from moerun.serve import ServeSettings, create_app
 
 HERMES = (
     "{%- if tools %}<|im_start|>system\n{% if messages[0].role == 'system' %}{{ messages[0].content }}\n\n{% endif %}"
-    "# Tools\n\nYou are provided with function signatures within <tools></tools> XML tags:\n<tools>"
-    "{%- for tool in tools %}\n{{ tool | tojson }}{%- endfor %}\n</tools>\n\nFor each function call, return a json "
-    "object with function name and arguments within <tool_call></tool_call> XML tags:\n<tool_call>\n{\"name\": "
-    "<function-name>, \"arguments\": <args-json-object>}\n</tool_call><|im_end|>\n"
+    "# Tools\n<tools>{%- for tool in tools %}\n{{ tool | tojson }}{%- endfor %}\n</tools>\nCall: <tool_call>"
+    "</tool_call><|im_end|>\n"
     "{%- elif messages[0].role == 'system' %}<|im_start|>system\n{{ messages[0].content }}<|im_end|>\n{%- endif %}"
     "{%- for message in messages %}"
     "{%- if message.role == 'user' %}<|im_start|>user\n{{ message.content }}<|im_end|>\n"
@@ -53,7 +51,7 @@ HARMONY = (
 TEMPLATES = {"hermes": HERMES, "mistral": MISTRAL, "harmony": HARMONY}
 
 WEATHER = {"type": "function", "function": {
-    "name": "get_weather", "description": "The weather in a city",
+    "name": "get_weather",
     "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 12},
                                                     "days": {"type": "integer", "minimum": 1, "maximum": 7}},
                    "required": ["city", "days"], "additionalProperties": False}}}

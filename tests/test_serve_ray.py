@@ -3,9 +3,14 @@ loopback, answer exactly as the model alone (MoEModel.generate_ids, the oracle t
 
 from __future__ import annotations
 
+import importlib.util
 import socket
+import subprocess
+import sys
+import textwrap
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
 import pytest
@@ -13,7 +18,10 @@ import pytest
 from moerun.runtime import MoEModel
 from moerun.serve import ServeSettings
 
-pytest.importorskip("ray.serve")
+# skipped only where Ray is not installed: an installed but broken Ray fails the import here, loudly
+if importlib.util.find_spec("ray") is None:
+    pytest.skip("Ray is not installed (the ray extra)", allow_module_level=True)
+import ray.serve  # noqa: E402,F401
 
 PROMPTS = ["Once upon a time", "The king said", "In the morning the little", "Hello", "She looked at the",
            "There was once a"]
@@ -31,11 +39,12 @@ def test_two_ray_serve_replicas_answer_as_the_model_alone(tiny_moe_converted):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1")
     try:
         start = time.monotonic()
         run_ray(model_dir, ServeSettings(max_batch=4), "127.0.0.1", port, replicas=2, provider="cpu", threads=1,
                 blocking=False)
+        # the Ray head that run_ray started listens on loopback only
+        assert {node["NodeManagerAddress"] for node in ray.nodes()} == {"127.0.0.1"}
         base = f"http://127.0.0.1:{port}"
         status = serve.status().applications["moerun"]
         assert status.status == "RUNNING"
@@ -56,3 +65,21 @@ def test_two_ray_serve_replicas_answer_as_the_model_alone(tiny_moe_converted):
     finally:
         serve.shutdown()
         ray.shutdown()
+
+
+def test_a_broken_ray_fails_this_module_instead_of_skipping_it(tmp_path):
+    """A Ray whose import fails (a broken install) must fail the Ray test, not skip it unnoticed."""
+    (tmp_path / "ray").mkdir()
+    (tmp_path / "ray" / "__init__.py").write_text("raise ImportError('a broken Ray install')\n")
+    (tmp_path / "conftest.py").write_text("")
+    here = Path(__file__)
+    code = textwrap.dedent(f"""
+        import sys
+        sys.path.insert(0, {str(tmp_path)!r})
+        import pytest
+        sys.exit(pytest.main(["-q", "-p", "no:cacheprovider", "--co", {str(here)!r}]))
+    """)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          cwd=here.parent)
+    assert done.returncode not in (0, 5), done.stdout[-2000:]
+    assert "a broken Ray install" in done.stdout
