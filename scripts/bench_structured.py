@@ -224,7 +224,6 @@ def main() -> None:
     args.out.with_suffix(".json").write_text(json.dumps(
         {"records": [{k: v for k, v in r.items() if k != "documents"} for r in records], "large_vocab": large},
         indent=2))
-    args.out.with_suffix(".table.md").write_text(table + "\n")
 
 
 if __name__ == "__main__":
