@@ -19,7 +19,7 @@ import logging
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import onnx_ir as ir
@@ -421,6 +421,8 @@ def convert(
     model; nothing is written to ``output`` unless every stage (and the verification) succeeds.
     """
     source, output = Path(source), Path(output)
+    if dtype == "fp16" and quantize is not None:
+        quantize = replace(quantize, fp16=True)  # one request: --dtype fp16 and --quantize --fp16 write the same graph
     checkpoint, adapter = check(source, output, dtype, overwrite, quantize, source_format)
     graph_dtype = "fp16" if dtype == "fp16" or (quantize is not None and quantize.fp16) else "fp32"
     pipeline = _Pipeline(adapter, graph_dtype, fusions, quantize, _special_tokens(checkpoint))
