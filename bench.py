@@ -220,12 +220,16 @@ def _with_llamacpp_pairs(variants: list[str]) -> list[str]:
 
 
 def run_bench(checkpoint: Path, batches: list[int], prompt_lens: list[int], new_tokens: int, variants: list[str],
-              repeats: int, threads: int | None, workdir: Path | None, on_stage=None) -> list[Record]:
+              repeats: int, threads: int | None, workdir: Path | None, on_stage=None,
+              on_progress=None) -> list[Record]:
+    """``on_stage(name)`` names each preparation step and each round of measurements; ``on_progress(done, total,
+    running)`` is called before each measurement (``running``: which) and once after the last."""
     from .converter.convert import convert
     from .converter.quantize import QuantizeOptions, quantize_model
     from .runtime import Manifest
 
     stage = on_stage or (lambda _: None)
+    progress = on_progress or (lambda done, total, running="": None)
     variants = _with_llamacpp_pairs(variants)
     with tempfile.TemporaryDirectory(prefix="moerun-bench-") as tmp:
         root = Path(workdir or tmp)
@@ -265,13 +269,18 @@ def run_bench(checkpoint: Path, batches: list[int], prompt_lens: list[int], new_
         stage("measure memory bandwidth")
         bandwidth = measured_bandwidth_gb_s()
         samples: dict[tuple, list[dict]] = {}
+        total = repeats * len(batches) * len(prompt_lens) * len(variants)
+        done = 0
         for r in range(repeats):
+            stage(f"measure: round {r + 1} of {repeats}")
             for batch in batches:
                 for length in prompt_lens:
                     for v in variants:  # interleaved: every variant once per round
-                        stage(f"round {r + 1}/{repeats}: {v}, batch {batch}, prompt {length}")
+                        progress(done, total, f"{v}, batch {batch}, prompt {length}")
                         samples.setdefault((v, batch, length), []).append(
                             _measure(v, dirs[v], batch, length, new_tokens, threads, genai_py, llamacpp_py))
+                        done += 1
+        progress(done, total)
         records = []
         for (v, batch, length), runs in samples.items():
             onnx_dir = dirs["fp32"] if v in BASELINES else dirs[v]  # baselines: fp32's weights

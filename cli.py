@@ -11,7 +11,7 @@ from pathlib import Path
 
 import click
 
-from .console import err, out, quiet_converter_libraries, run_convert, stages
+from .console import StageDisplay, err, out, quiet_converter_libraries, run_convert, stages
 from .console import human_size as _human
 from .runtime.errors import MoerunError
 from .runtime.memory import peak_rss_mb
@@ -50,24 +50,38 @@ def _terminated(signum, frame) -> None:
     raise SystemExit(128 + signum)
 
 
-def _quant_options(f):
-    """Options shared by `quantize` and `convert --quantize` (see QuantizeOptions for the defaults)."""
-    for opt in reversed([
-        click.option("--block-size", type=click.Choice(["0", "16", "32", "64", "128"]), default="64", show_default=True,
-                     help="Quantization block along K; 0 = one scale per output row (a slow path on CPU)."),
-        click.option("--scheme", type=click.Choice(["symmetric", "asymmetric"]), default="symmetric",
-                     show_default=True, help="asymmetric writes zero points."),
-        click.option("--method", type=click.Choice(["rtn", "mse"]), default="mse", show_default=True,
-                     help="rtn: abs-max round-to-nearest; mse: per-group clip search minimising weight error."),
-        click.option("--dense", type=click.Choice(["none", "int8", "int4"]), default="none", show_default=True,
-                     help="Also quantize non-expert MatMuls to MatMulNBits (ONNX Runtime's quantizer)."),
-        click.option("--fp16", is_flag=True, help="The rest of the graph and its activations in fp16."),
-        click.option("--accuracy-level", type=click.IntRange(0, 4), default=4, show_default=True,
-                     help="ONNX Runtime accuracy_level: 4 = int8 activations on CPU (2x faster decoding, "
-                          "no measurable quality cost); 0 = fp32 activations."),
-    ]):
-        f = opt(f)
-    return f
+QUANT_OPTIONS = ("block_size", "scheme", "method", "dense", "fp16", "accuracy_level")
+
+
+def _quant_options(with_quantize: bool = False):
+    """Options shared by `quantize` and `convert --quantize` (see QuantizeOptions for the defaults);
+    ``with_quantize``: convert's, which apply only with --quantize (the help says so)."""
+    only = "[with --quantize] " if with_quantize else ""
+    fp16 = ("the same as --dtype fp16: either gives an fp16 graph" if with_quantize else
+            "on the CPU it saves disk, not memory or time")
+
+    def decorate(f):
+        for opt in reversed([
+            click.option("--block-size", type=click.Choice(["0", "16", "32", "64", "128"]), default="64",
+                         show_default=True,
+                         help=only + "Quantization block along K; 0 = one scale per output row (a slow path on CPU)."),
+            click.option("--scheme", type=click.Choice(["symmetric", "asymmetric"]), default="symmetric",
+                         show_default=True, help=only + "asymmetric writes zero points."),
+            click.option("--method", type=click.Choice(["rtn", "mse"]), default="mse", show_default=True,
+                         help=only + "rtn: abs-max round-to-nearest; mse: per-group clip search minimising weight "
+                                     "error."),
+            click.option("--dense", type=click.Choice(["none", "int8", "int4"]), default="none", show_default=True,
+                         help=only + "Also quantize non-expert MatMuls to MatMulNBits (ONNX Runtime's quantizer)."),
+            click.option("--fp16", is_flag=True,
+                         help=only + f"The rest of the graph and its activations in fp16 ({fp16})."),
+            click.option("--accuracy-level", type=click.IntRange(0, 4), default=4, show_default=True,
+                         help=only + "ONNX Runtime accuracy_level: 4 = int8 activations on CPU (2x faster decoding, "
+                                     "no measurable quality cost); 0 = fp32 activations."),
+        ]):
+            f = opt(f)
+        return f
+
+    return decorate
 
 
 def _quant(bits: int, block_size: str, scheme: str, method: str, dense: str, fp16: bool, accuracy_level):
@@ -83,10 +97,12 @@ def _print_layers(layers: list[dict]) -> None:
     err.print(f"expert weight error (relative RMS): mean {mean:.4f}, worst layer {worst:.4f}")
 
 
-@main.command()
+@main.command(short_help="Convert an MoE checkpoint to an ONNX model directory.")
 @click.argument("source", type=click.Path(path_type=Path))
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="Output model directory.")
-@click.option("--dtype", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True)
+@click.option("--dtype", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True,
+              help="Precision of the exported graph. fp16 is the export for CUDA (CUDA is untested); on the CPU it "
+                   "saves disk, not memory or time. With --quantize, --fp16 is the same: either gives an fp16 graph.")
 @click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists.")
 @click.option("--verify", is_flag=True, help="Compare against the PyTorch model; exit 1 over tolerance.")
 @click.option("--verify-layers", type=click.IntRange(min=1), default=None,
@@ -94,17 +110,20 @@ def _print_layers(layers: list[dict]) -> None:
                    "too big to run whole in PyTorch.")
 @click.option("--tolerance", type=float, default=None, help="Max abs logit difference for --verify.")
 @click.option("--quantize", "quantize", type=click.Choice(["int4", "int8"]), default=None,
-              help="Quantize the expert weights in the same run (QMoE).")
+              help="Quantize the expert weights in the same run (QMoE). The options marked [with --quantize] "
+                   "apply only with it; without it they are refused.")
 @click.option("--no-fusions", is_flag=True, help="Skip the ORT fusions (attention, RMSNorm, rotary).")
 @click.option("--source", "source_format", type=click.Choice(["hf", "fairseq"]), default="hf", show_default=True,
               help="SOURCE is a Hugging Face directory or a fairseq MoE checkpoint (shared + rank files).")
-@_quant_options
+@_quant_options(with_quantize=True)
 def convert(source: Path, output: Path, dtype: str, overwrite: bool, verify: bool, verify_layers: int | None,
             tolerance: float | None, quantize: str | None, no_fusions: bool, source_format: str, **quant) -> None:
     """Convert an MoE checkpoint SOURCE (Hugging Face directory or fairseq) to ONNX.
 
     Weights are streamed: read, mapped, cast or quantized and written one layer at a time, so memory
     stays near one layer of the model whatever its size."""
+    if not quantize:
+        _refuse_without("--quantize", QUANT_OPTIONS)
     options = _quant(int(quantize[3:]), **quant) if quantize else None
     result = run_convert(source, output, dtype=dtype, overwrite=overwrite, verify=verify, verify_layers=verify_layers,
                          tolerance=tolerance, quantize=options, fusions=not no_fusions, source_format=source_format)
@@ -131,11 +150,11 @@ def convert(source: Path, output: Path, dtype: str, overwrite: bool, verify: boo
     out.print(str(result.output))
 
 
-@main.command()
+@main.command(short_help="Quantize an exported model's experts to int4/int8.")
 @click.argument("source", type=click.Path(path_type=Path))
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="Output model directory.")
 @click.option("--bits", type=click.Choice(["4", "8"]), default="4", show_default=True)
-@_quant_options
+@_quant_options()
 @click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists.")
 @click.option("--report", type=click.Path(path_type=Path), default=None,
               help="Also measure every standard variant on held-out text: Markdown here, JSON beside it.")
@@ -190,7 +209,7 @@ def _prompt_ids(value: str) -> list[int]:
         raise MoerunError(f"--prompt-ids takes comma-separated token ids such as 1,15,27, got {value!r}") from None
 
 
-@main.command()
+@main.command(short_help="Generate text (or token ids) from an exported model.")
 @click.argument("model_dir", type=click.Path(path_type=Path))
 @click.option("-p", "--prompt", "prompts", multiple=True, help="A prompt; repeat for a batch.")
 @click.option("--prompt-ids", "prompt_ids", multiple=True, metavar="IDS",
@@ -226,7 +245,7 @@ def generate(model_dir: Path, prompts: tuple[str, ...], prompt_ids: tuple[str, .
               f"peak memory {peak_rss_mb():.0f} MB")
 
 
-@main.command()
+@main.command(short_help="Translate stdin to stdout with an encoder-decoder model.")
 @click.argument("model_dir", type=click.Path(path_type=Path))
 @click.option("--src", "src_lang", default=None, help="Source language code (NLLB: e.g. eng_Latn).")
 @click.option("--tgt", "tgt_lang", default=None, help="Target language code (NLLB: e.g. fra_Latn).")
@@ -282,7 +301,7 @@ def translate(model_dir: Path, src_lang: str | None, tgt_lang: str | None, beams
               f"({tokens / seconds if seconds else 0:.0f} input tok/s), {rows} decoder rows")
 
 
-@main.command()
+@main.command(short_help="Serve a model over an OpenAI-compatible HTTP API.")
 @click.argument("model_dir", type=click.Path(path_type=Path))
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind (loopback by default).")
 @click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True)
@@ -332,7 +351,7 @@ def _utf8_lines(data: bytes) -> list[str]:
     return [line.rstrip("\n") for line in io.StringIO(text, newline=None)]
 
 
-@main.command()
+@main.command(short_help="Convert, verify, run and quantize a small trained MoE.")
 @click.option("--workdir", type=click.Path(path_type=Path), default=None,
               help="Keep the demo's ONNX models here (default: a temporary directory).")
 @click.option("--provider", type=click.Choice(PROVIDERS), default="cpu", show_default=True)
@@ -340,7 +359,7 @@ def demo(workdir: Path | None, provider: str) -> None:
     """Convert a small trained MoE, verify it against PyTorch, generate, quantize to int4, and summarise."""
     from .demo import run_demo
 
-    table = run_demo(workdir, provider, err)
+    table = run_demo(workdir, provider, err, out)  # progress on stderr, results (continuations, table) on stdout
     out.print(table, soft_wrap=False)  # laid out at the terminal's width, or 80 columns
 
 
@@ -351,7 +370,7 @@ def _ints(value: str) -> list[int]:
         raise click.BadParameter(f"expected comma-separated integers, got {value!r}") from None
 
 
-@main.command()
+@main.command(short_help="Benchmark a checkpoint: baselines beside moerun's exports.")
 @click.argument("checkpoint", type=click.Path(path_type=Path, exists=True, file_okay=False))
 @click.option("--batch", default="1,4", show_default=True, help="Batch sizes, comma-separated.")
 @click.option("--prompt-len", default="128", show_default=True, help="Prompt lengths, comma-separated.")
@@ -389,8 +408,9 @@ def bench(checkpoint: Path, batch: str, prompt_len: str, new_tokens: int, compar
     _check_writable("--json", json_out)  # before minutes of measuring, not after
     _check_writable("--markdown", md_out)
     quiet_converter_libraries()
-    with stages("preparing", echo=False) as on_stage:
-        records = run_bench(checkpoint, batches, lengths, new_tokens, chosen, repeats, threads, workdir, on_stage)
+    with StageDisplay("preparing", unit="runs") as display:
+        records = run_bench(checkpoint, batches, lengths, new_tokens, chosen, repeats, threads, workdir,
+                            display.stage, display.progress)
     table = markdown(records)
     click.echo(table)
     if json_out:
@@ -399,7 +419,7 @@ def bench(checkpoint: Path, batch: str, prompt_len: str, new_tokens: int, compar
         md_out.write_text(table)
 
 
-@main.command("inspect")
+@main.command("inspect", short_help="What a model holds and which hosts can run it.")
 @click.argument("model_dir", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="The report as JSON on stdout.")
 @click.option("--strict", is_flag=True, help="Exit 1 if any op is outside the ONNX standard and com.microsoft domains.")
@@ -420,7 +440,7 @@ def inspect_command(model_dir: Path, as_json: bool, strict: bool) -> None:
                           f"{', '.join(report.foreign_ops)}")
 
 
-@main.group(cls=_Group)
+@main.group(cls=_Group, short_help="Write a model for another ONNX Runtime host.")
 def deploy() -> None:
     """Write a model directory for another ONNX Runtime host: onnxruntime-genai, Triton, ONNX tokenizer graphs."""
 
@@ -430,7 +450,7 @@ _DEPLOY_OUTPUT = click.option("-o", "--output", type=click.Path(path_type=Path),
 _DEPLOY_OVERWRITE = click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists.")
 
 
-@deploy.command("genai")
+@deploy.command("genai", short_help="A directory onnxruntime-genai loads.")
 @click.argument("model_dir", type=click.Path(path_type=Path))
 @_DEPLOY_OUTPUT
 @_DEPLOY_OVERWRITE
@@ -441,7 +461,7 @@ def deploy_genai(model_dir: Path, output: Path, overwrite: bool) -> None:
     out.print(str(export_genai_dir(model_dir, output, overwrite=overwrite)))
 
 
-@deploy.command("triton")
+@deploy.command("triton", short_help="A Triton model repository (onnxruntime backend).")
 @click.argument("model_dir", type=click.Path(path_type=Path))
 @_DEPLOY_OUTPUT
 @_DEPLOY_OVERWRITE
@@ -464,7 +484,7 @@ def deploy_triton(model_dir: Path, output: Path, overwrite: bool, name: str | No
     out.print(str(written))
 
 
-@deploy.command("tokenizer")
+@deploy.command("tokenizer", short_help="Tokenizer and detokenizer ONNX graphs.")
 @click.argument("model_dir", type=click.Path(path_type=Path))
 @_DEPLOY_OUTPUT
 @_DEPLOY_OVERWRITE
@@ -473,6 +493,16 @@ def deploy_tokenizer(model_dir: Path, output: Path, overwrite: bool) -> None:
     from .deploy.tokenizer_onnx import export_tokenizer
 
     out.print(str(export_tokenizer(model_dir, output, overwrite=overwrite)))
+
+
+def _refuse_without(option: str, names: tuple[str, ...]) -> None:
+    """Options that only act with ``option`` are refused without it, not ignored."""
+    ctx = click.get_current_context()
+    given = [f"--{n.replace('_', '-')}" for n in names
+             if ctx.get_parameter_source(n) not in (None, click.core.ParameterSource.DEFAULT)]
+    if given:
+        raise MoerunError(f"{', '.join(given)} only apply with {option}: add {option} int4 or int8"
+                          + (", or use --dtype fp16 for an fp16 graph" if given == ["--fp16"] else ""))
 
 
 def _check_writable(option: str, *paths: Path | None) -> None:

@@ -15,8 +15,8 @@ from rich.table import Table
 
 from .runtime.memory import human_bytes as human_size
 
-__all__ = ["err", "human_size", "inspection_table", "out", "quiet_converter_libraries", "run_convert", "stages",
-           "summary_table"]
+__all__ = ["StageDisplay", "err", "human_size", "inspection_table", "out", "quiet_converter_libraries", "run_convert",
+           "stages", "summary_table"]
 
 
 def _console(stderr: bool = False) -> Console:
@@ -54,23 +54,20 @@ def quiet_converter_libraries() -> None:
 
 
 @contextmanager
-def stages(first: str, echo: bool = True) -> Iterator[Callable[[str], None]]:
-    """A live status line on stderr; yields ``on_stage(name)``, which shows a stage (and with echo lists it)."""
-    with err.status(first) as status:
-        def on_stage(name: str) -> None:
-            status.update(f"[bold]{name}[/bold]")
-            if echo:
-                err.print(f"  • {name}")
-
-        yield on_stage
+def stages(first: str) -> Iterator[Callable[[str], None]]:
+    """A live status line on stderr; yields ``on_stage(name)``, which shows a stage and lists it."""
+    with StageDisplay(first) as display:
+        yield display.stage
 
 
-class _ConvertDisplay:
-    """Stage lines on stderr, a spinner between them, and while the weights are written a bar with bytes
-    written, throughput and time left (rich shows neither when stderr is not a terminal)."""
+class StageDisplay:
+    """Stage lines on stderr, a spinner between them, and during a long stage a bar: bytes written, throughput
+    and time left (``unit="bytes"``, convert) or runs done of all and the one running (any other unit: bench).
+    Rich shows neither spinner nor bar when stderr is not a terminal; the stage lines are printed anyway."""
 
-    def __init__(self) -> None:
-        self.status = err.status("checking the checkpoint")
+    def __init__(self, first: str, unit: str = "bytes") -> None:
+        self.status = err.status(first)
+        self.unit = unit
         self.bar = None
 
     def stage(self, name: str) -> None:
@@ -78,10 +75,11 @@ class _ConvertDisplay:
         self.status.update(f"[bold]{name}[/bold]")
         err.print(f"  • {name}")
 
-    def progress(self, done: int, total: int) -> None:
+    def progress(self, done: int, total: int, running: str = "") -> None:
         from rich.progress import (
             BarColumn,
             DownloadColumn,
+            MofNCompleteColumn,
             Progress,
             TextColumn,
             TimeRemainingColumn,
@@ -92,11 +90,13 @@ class _ConvertDisplay:
             return
         if self.bar is None:
             self.status.stop()
-            self.bar = Progress(TextColumn("    "), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-                                TimeRemainingColumn(), console=err, transient=True)
+            counts = ((DownloadColumn(), TransferSpeedColumn()) if self.unit == "bytes"
+                      else (MofNCompleteColumn(), TextColumn(self.unit)))
+            self.bar = Progress(TextColumn("    "), BarColumn(), *counts, TimeRemainingColumn(),
+                                TextColumn("{task.description}"), console=err, transient=True)
             self.bar.start()
-            self.task = self.bar.add_task("write", total=total)
-        self.bar.update(self.task, completed=done)
+            self.task = self.bar.add_task("", total=total)
+        self.bar.update(self.task, completed=done, description=running)
 
     def _end_bar(self) -> None:
         if self.bar is not None:
@@ -104,7 +104,7 @@ class _ConvertDisplay:
             self.bar = None
             self.status.start()
 
-    def __enter__(self) -> _ConvertDisplay:
+    def __enter__(self) -> StageDisplay:
         self.status.start()
         return self
 
@@ -119,7 +119,7 @@ def run_convert(source: Path, output: Path, **options):
     from .converter.convert import convert
 
     quiet_converter_libraries()
-    with _ConvertDisplay() as display:
+    with StageDisplay("checking the checkpoint") as display:
         return convert(source, output, on_stage=display.stage, on_progress=display.progress, **options)
 
 

@@ -86,8 +86,9 @@ def _text(tokenizer, ids: list[int]) -> str:
     return text
 
 
-def run_demo(workdir: Path | None, provider: str, console):
-    """The README's main job, end to end; returns a rich table summarising what happened."""
+def run_demo(workdir: Path | None, provider: str, console, results=None):
+    """The README's main job, end to end: progress on ``console``, the continuations on ``results`` (default:
+    ``console``); returns a rich table summarising what happened."""
     import tempfile
     import time
 
@@ -116,9 +117,10 @@ def run_demo(workdir: Path | None, provider: str, console):
         got = q.generate_ids(prompts, NEW_TOKENS)
         same = sum(a == b for r, g in zip(ref, got) for a, b in zip(r, g)) / sum(max(len(r), len(g))
                                                                                 for r, g in zip(ref, got))
-        console.print(f"\ngreedy continuations by the ONNX model ({NEW_TOKENS} new tokens):\n")
+        results = results or console
+        results.print(f"\ngreedy continuations by the ONNX model ({NEW_TOKENS} new tokens):\n")
         for prompt, ids in zip(PROMPTS, ref):
-            console.print(Text.assemble((prompt, "bold cyan"), _text(model.tokenizer, ids)), end="\n\n")
+            results.print(Text.assemble((prompt, "bold cyan"), _text(model.tokenizer, ids)), end="\n\n")
         m, r = result.manifest, result.report
         rows = [
             ("model", f"{m.architecture}, {m.num_layers} layers, hidden {m.hidden_size}, "

@@ -21,6 +21,10 @@ def test_bench_quick_writes_every_field(tmp_path):
     result = run_cli("bench", str(ckpt), "--quick", "--variants", "fp32,int8,int4,int4-dense", "--json", str(out),
                      "--markdown", str(tmp_path / "bench.md"))
     assert result.returncode == 0, result.stderr
+    # the stages on stderr while it works (a bar counts the runs on a terminal), the table alone on stdout
+    for stage in ("convert fp32", "generic export (batched_mm)", "quantize int4", "measure: round 1 of 1"):
+        assert f"  • {stage}\n" in result.stderr, result.stderr
+    assert result.stdout.startswith("| variant |"), result.stdout
     records = json.loads(out.read_text())
     assert [r["variant"] for r in records] == ["hf", "generic", "fp32", "int8", "int4", "int4-dense"]
     names = {f.name for f in fields(Record)}
