@@ -501,7 +501,8 @@ def _refuse_without(option: str, names: tuple[str, ...]) -> None:
     given = [f"--{n.replace('_', '-')}" for n in names
              if ctx.get_parameter_source(n) not in (None, click.core.ParameterSource.DEFAULT)]
     if given:
-        raise MoerunError(f"{', '.join(given)} only apply with {option}: add {option} int4 or int8"
+        verb = "applies" if len(given) == 1 else "apply"
+        raise MoerunError(f"{', '.join(given)} only {verb} with {option}: add {option} int4 or int8"
                           + (", or use --dtype fp16 for an fp16 graph" if given == ["--fp16"] else ""))
 
 

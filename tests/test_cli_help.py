@@ -50,11 +50,12 @@ def test_convert_help_explains_dtype_and_which_options_need_quantize():
 
 
 def test_quantization_options_without_quantize_are_refused_not_ignored(tmp_path):
-    for args, names in ((["--fp16"], "--fp16"), (["--block-size", "32", "--dense", "int8"], "--block-size, --dense")):
+    for args, refused in ((["--fp16"], "--fp16 only applies"), (["--block-size", "32", "--dense", "int8"],
+                                                                  "--block-size, --dense only apply")):
         result = run_cli("convert", str(tmp_path / "ckpt"), "-o", str(tmp_path / "out"), *args)
         assert result.returncode == 1 and "Traceback" not in result.stderr
         error = result.stderr.strip().splitlines()[-1]
-        assert error.startswith(f"Error: {names} only apply with --quantize"), error
+        assert error.startswith(f"Error: {refused} with --quantize"), error
         assert ("use --dtype fp16" in error) == (args == ["--fp16"]), error
         assert not (tmp_path / "out").exists()
 
